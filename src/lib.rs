@@ -8,7 +8,10 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod copy;
 pub mod lsn;
 pub mod pgoutput;
+pub mod raw;
 pub mod replication;
+pub mod tail;
 pub mod testpg;
