@@ -59,14 +59,15 @@ impl Snapshot {
     }
 
     /// Whether the changes of transaction `xid` (32-bit, as pgoutput sends it) are visible
-    /// in this snapshot, assuming it committed. Compares within the snapshot's epoch.
+    /// in this snapshot, assuming it committed. The 32-bit xid is placed within 2^31 of
+    /// `xmax`, as PostgreSQL's wraparound protection guarantees for any live transaction.
     pub fn sees(&self, xid: u32) -> bool {
-        let epoch = self.xmax & !0xffff_ffff;
-        let mut full = epoch | u64::from(xid);
-        if full > self.xmax {
-            full = full.wrapping_sub(1 << 32);
+        let xmax32 = self.xmax as u32;
+        if (xid.wrapping_sub(xmax32) as i32) >= 0 {
+            return false;
         }
-        full < self.xmax && !self.xip.contains(&full)
+        let full = self.xmax.wrapping_sub(u64::from(xmax32.wrapping_sub(xid)));
+        !self.xip.contains(&full)
     }
 }
 

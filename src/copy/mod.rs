@@ -7,5 +7,7 @@
 //! chunk, and never lock source rows.
 
 pub mod chunk;
+pub mod watermark;
 
 pub use chunk::{emit_watermark, Chunk, CopyError, CopySource, KeyValue, Snapshot};
+pub use watermark::{HighOutcome, WatermarkTracker};
