@@ -221,10 +221,20 @@ impl DbUrl {
                 }
                 Ok(DbUrl { config })
             }
-            Err(e) => Err(format!(
-                "not a valid PostgreSQL connection URL ({}); expected postgres://user[:password]@host[:port]/dbname",
-                scrub_secrets(&scrub_password_of(&e.to_string(), raw))
-            )),
+            Err(e) => {
+                // tokio-postgres puts the reason (e.g. "invalid value for option `port`") in
+                // the error's source, not its Display.
+                let mut why = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(inner) = src {
+                    why.push_str(&format!(": {inner}"));
+                    src = inner.source();
+                }
+                Err(format!(
+                    "not a valid PostgreSQL connection URL ({}); expected postgres://user[:password]@host[:port]/dbname",
+                    scrub_secrets(&scrub_password_of(&why, raw))
+                ))
+            }
         }
     }
 
@@ -732,7 +742,14 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> SpecError {
         file: file.to_string(),
         line,
         table,
-        message: scrub_secrets(e.message().trim()),
+        message: scrub_secrets(
+            &e.message()
+                .trim()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
     }
 }
 
@@ -793,6 +810,9 @@ impl Spec {
                 )?;
                 if s.trim().is_empty() {
                     return Err(cx.err("[target].create", "expected SQL that creates the target table, got an empty string; leave the key out when the table exists"));
+                }
+                if let Some(bad) = transaction_control(&s) {
+                    return Err(cx.err("[target].create", format!("must not contain transaction control ({bad}): plan runs it in a transaction it rolls back, and run in one it commits")));
                 }
                 Some(s)
             }
@@ -925,6 +945,120 @@ impl Spec {
     }
 }
 
+/// The first word (upper case) of each statement in `sql`, skipping comments and the insides of
+/// quoted strings, quoted identifiers and dollar-quoted bodies.
+pub fn statement_heads(sql: &str) -> Vec<String> {
+    let b: Vec<char> = sql.chars().collect();
+    let mut heads = Vec::new();
+    let mut i = 0;
+    let mut at_start = true;
+    while i < b.len() {
+        let c = b[i];
+        let next = b.get(i + 1).copied();
+        if c == '-' && next == Some('-') {
+            while i < b.len() && b[i] != '\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == '/' && next == Some('*') {
+            let mut depth = 0;
+            while i < b.len() {
+                if b[i] == '/' && b.get(i + 1) == Some(&'*') {
+                    depth += 1;
+                    i += 2;
+                } else if b[i] == '*' && b.get(i + 1) == Some(&'/') {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            continue;
+        }
+        if c.is_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c == ';' {
+            at_start = true;
+            i += 1;
+            continue;
+        }
+        if at_start && (c.is_alphabetic() || c == '_') {
+            let start = i;
+            while i < b.len() && (b[i].is_alphanumeric() || b[i] == '_') {
+                i += 1;
+            }
+            heads.push(b[start..i].iter().collect::<String>().to_uppercase());
+            at_start = false;
+            continue;
+        }
+        at_start = false;
+        match c {
+            '\'' => {
+                let escapes = i > 0 && matches!(b[i - 1], 'E' | 'e');
+                i += 1;
+                while i < b.len() {
+                    if escapes && b[i] == '\\' {
+                        i += 2;
+                    } else if b[i] == '\'' && b.get(i + 1) == Some(&'\'') {
+                        i += 2;
+                    } else if b[i] == '\'' {
+                        i += 1;
+                        break;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            '"' => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == '"' && b.get(i + 1) == Some(&'"') {
+                        i += 2;
+                    } else if b[i] == '"' {
+                        i += 1;
+                        break;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            '$' => {
+                // $tag$ … $tag$ (tag empty or an identifier).
+                let mut j = i + 1;
+                while j < b.len() && (b[j].is_alphanumeric() || b[j] == '_') {
+                    j += 1;
+                }
+                if b.get(j) == Some(&'$') {
+                    let tag: String = b[i..=j].iter().collect();
+                    let rest: String = b[j + 1..].iter().collect();
+                    match rest.find(&tag) {
+                        Some(pos) => i = j + 1 + rest[..pos].chars().count() + tag.chars().count(),
+                        None => i = b.len(),
+                    }
+                } else {
+                    i = j;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    heads
+}
+
+/// The first transaction-control statement in `sql`, if any (BEGIN, COMMIT, ROLLBACK, …).
+pub fn transaction_control(sql: &str) -> Option<String> {
+    const TC: [&str; 9] = [
+        "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE", "PREPARE",
+    ];
+    statement_heads(sql).into_iter().find(|h| TC.contains(&h.as_str()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,6 +1074,16 @@ mod tests {
             "host=h password=*** user=a"
         );
         assert_eq!(scrub_secrets("postgres://a@h/db"), "postgres://a@h/db");
+    }
+
+    #[test]
+    fn statement_heads_skip_quotes_and_comments() {
+        let sql = "CREATE TABLE \"x;commit\" (a text DEFAULT 'a;COMMIT'); -- ; commit\n\
+                   /* ; ROLLBACK */ CREATE FUNCTION f() RETURNS int AS $b$ SELECT 1; COMMIT; $b$ LANGUAGE sql;\n\
+                   comment ON TABLE x IS E'it\\'s; end'";
+        assert_eq!(statement_heads(sql), vec!["CREATE", "CREATE", "COMMENT"]);
+        assert_eq!(transaction_control(sql), None);
+        assert_eq!(transaction_control("CREATE TABLE a (b int); commit; CREATE TABLE c (d int)"), Some("COMMIT".into()));
     }
 
     #[test]
