@@ -744,9 +744,33 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
                     ReplicaIdentity::Default | ReplicaIdentity::Nothing
                 ) =>
         {
+            // A key column computed by an expression is fine when the expression reads only
+            // identity columns: prove it by preparing it over a subquery that exposes just those.
+            let ident = identity_columns(&src_identity, &src_pk, &src_cols);
+            let mut computable = BTreeSet::new();
+            for k in key {
+                if let Some(e) = spec.transform.get(k) {
+                    if plain_column_ref(e).is_none() {
+                        let sql = format!(
+                            "SELECT ({e}) FROM (SELECT {} FROM {}) AS {} LIMIT 0",
+                            ident
+                                .iter()
+                                .map(|c| quote_ident(c))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            spec.source.table.quoted(),
+                            quote_ident(&spec.source.table.name)
+                        );
+                        if src.prepare(&sql).await.is_ok() {
+                            computable.insert(k.clone());
+                        }
+                    }
+                }
+            }
             identity_check(
                 spec,
                 key,
+                &computable,
                 &src_cols,
                 &src_identity,
                 &src_pk,
@@ -924,9 +948,25 @@ fn plain_column_ref(expr: &str) -> Option<String> {
     }
 }
 
+/// The source columns an old-row image carries under `identity`.
+fn identity_columns(
+    identity: &ReplicaIdentity,
+    src_pk: &Option<Vec<String>>,
+    src_cols: &[Column],
+) -> Vec<String> {
+    match identity {
+        ReplicaIdentity::Default => src_pk.clone().unwrap_or_default(),
+        ReplicaIdentity::Index { columns, .. } => columns.clone(),
+        ReplicaIdentity::Full => src_cols.iter().map(|c| c.name.clone()).collect(),
+        ReplicaIdentity::Nothing => Vec::new(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn identity_check(
     spec: &Spec,
     target_key: &[String],
+    computable: &BTreeSet<String>,
     src_cols: &[Column],
     identity: &ReplicaIdentity,
     src_pk: &Option<Vec<String>>,
@@ -948,23 +988,16 @@ fn identity_check(
                     needed.push(c)
                 }
             }
+            None if computable.contains(k) => {}
             None => computed.push(k.clone()),
         }
     }
-    let (ident_desc, ident_cols): (String, Vec<String>) = match identity {
-        ReplicaIdentity::Default => (
-            "DEFAULT (the primary key)".into(),
-            src_pk.clone().unwrap_or_default(),
-        ),
-        ReplicaIdentity::Index { name, columns } => (
-            format!("USING INDEX {}", quote_ident(name)),
-            columns.clone(),
-        ),
-        ReplicaIdentity::Full => (
-            "FULL".into(),
-            src_cols.iter().map(|c| c.name.clone()).collect(),
-        ),
-        ReplicaIdentity::Nothing => ("NOTHING".into(), Vec::new()),
+    let ident_cols = identity_columns(identity, src_pk, src_cols);
+    let ident_desc = match identity {
+        ReplicaIdentity::Default => "DEFAULT (the primary key)".to_string(),
+        ReplicaIdentity::Index { name, .. } => format!("USING INDEX {}", quote_ident(name)),
+        ReplicaIdentity::Full => "FULL".into(),
+        ReplicaIdentity::Nothing => "NOTHING".into(),
     };
     let key_desc = format!("({})", target_key.join(", "));
     if *identity == ReplicaIdentity::Full {

@@ -1054,9 +1054,19 @@ pub fn statement_heads(sql: &str) -> Vec<String> {
 /// The first transaction-control statement in `sql`, if any (BEGIN, COMMIT, ROLLBACK, …).
 pub fn transaction_control(sql: &str) -> Option<String> {
     const TC: [&str; 9] = [
-        "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE", "PREPARE",
+        "BEGIN",
+        "START",
+        "COMMIT",
+        "END",
+        "ROLLBACK",
+        "ABORT",
+        "SAVEPOINT",
+        "RELEASE",
+        "PREPARE",
     ];
-    statement_heads(sql).into_iter().find(|h| TC.contains(&h.as_str()))
+    statement_heads(sql)
+        .into_iter()
+        .find(|h| TC.contains(&h.as_str()))
 }
 
 #[cfg(test)]
@@ -1083,7 +1093,10 @@ mod tests {
                    comment ON TABLE x IS E'it\\'s; end'";
         assert_eq!(statement_heads(sql), vec!["CREATE", "CREATE", "COMMENT"]);
         assert_eq!(transaction_control(sql), None);
-        assert_eq!(transaction_control("CREATE TABLE a (b int); commit; CREATE TABLE c (d int)"), Some("COMMIT".into()));
+        assert_eq!(
+            transaction_control("CREATE TABLE a (b int); commit; CREATE TABLE c (d int)"),
+            Some("COMMIT".into())
+        );
     }
 
     #[test]

@@ -631,3 +631,42 @@ fn unprivileged_role_gets_privilege_fixes() {
     // Not superuser: the data directory is hidden, so free disk cannot be checked.
     assert_eq!(status(&p, names::DISK), Status::Warn);
 }
+
+#[test]
+fn computed_key_columns_are_checked_against_the_identity() {
+    let (c, db) = testpg::fresh_db("plan_computed").unwrap();
+    c.psql(
+        &db,
+        "CREATE TABLE public.events (id bigint PRIMARY KEY, tenant int NOT NULL, body text)",
+    )
+    .unwrap();
+    let spec_for = |key_expr: &str| {
+        parse(&format!(
+            r#"name = "events"
+[source]
+url = "{}"
+table = "events"
+[target]
+table = "events_v2"
+create = "CREATE TABLE public.events_v2 (k bigint PRIMARY KEY, tenant int NOT NULL, body text)"
+[transform]
+k = "{key_expr}"
+"#,
+            c.url(&db)
+        ))
+    };
+    // Computed from the primary key only: DEFAULT identity carries it.
+    let p = run_plan(&spec_for("id * 10"));
+    assert!(p.ok(), "{}", p.render());
+    assert_eq!(status(&p, names::REPLICA_IDENTITY), Status::Ok);
+    // Computed from a column the identity does not carry: only FULL helps.
+    let p = run_plan(&spec_for("id * 10 + tenant"));
+    let ri = p.check(names::REPLICA_IDENTITY).unwrap();
+    assert_eq!(ri.status, Status::Fail, "{}", p.render());
+    assert!(
+        ri.detail.contains("computed by [transform] expressions"),
+        "{}",
+        ri.detail
+    );
+    assert!(ri.fix.as_deref().unwrap().contains("REPLICA IDENTITY FULL"));
+}

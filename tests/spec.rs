@@ -23,7 +23,10 @@ fn err(text: &str) -> String {
     let e = Spec::parse(text, "migration.toml").expect_err("spec should be rejected");
     let s = e.to_string();
     assert!(!s.contains(PW), "password leaked: {s}");
-    assert!(!format!("{e:?}").contains(PW), "password leaked in Debug: {e:?}");
+    assert!(
+        !format!("{e:?}").contains(PW),
+        "password leaked in Debug: {e:?}"
+    );
     s
 }
 
@@ -40,7 +43,10 @@ fn good_spec_and_defaults() {
     assert_eq!(s.source.table, QualifiedName::new("public", "orders"));
     assert_eq!(s.target.table, QualifiedName::new("public", "orders_v2"));
     assert!(s.same_database(), "target url defaults to the source's");
-    assert_eq!(s.target.url.redacted(), "postgres://app:***@db.example.com:5433/shop");
+    assert_eq!(
+        s.target.url.redacted(),
+        "postgres://app:***@db.example.com:5433/shop"
+    );
     assert_eq!(s.transform["total_amount_minor"], "total_amount::bigint");
     assert_eq!(s.reverse["total_amount"], "total_amount_minor::integer");
     assert_eq!(s.copy.chunk_rows, 10_000);
@@ -98,27 +104,52 @@ fn the_fixture_parses() {
     )
     .unwrap();
     assert_eq!(s.target.table.name, "orders_v2");
-    assert!(s.target.create.as_deref().unwrap().contains("PARTITION BY HASH (customer_id)"));
+    assert!(s
+        .target
+        .create
+        .as_deref()
+        .unwrap()
+        .contains("PARTITION BY HASH (customer_id)"));
 }
 
 #[test]
 fn bad_numbers_name_the_field() {
     let e = err(&format!("{GOOD}\n[copy]\nchunk_rows = -5\n"));
-    assert_eq!(e, "spec migration.toml: [copy].chunk_rows: expected a positive integer, got -5");
+    assert_eq!(
+        e,
+        "spec migration.toml: [copy].chunk_rows: expected a positive integer, got -5"
+    );
     let e = err(&format!("{GOOD}\n[copy]\nworkers = \"two\"\n"));
-    assert_eq!(e, "spec migration.toml: [copy].workers: expected a positive integer, got \"two\"");
+    assert_eq!(
+        e,
+        "spec migration.toml: [copy].workers: expected a positive integer, got \"two\""
+    );
     let e = err(&format!("{GOOD}\n[copy]\nworkers = 1000\n"));
-    assert!(e.contains("[copy].workers: expected a positive integer at most 64, got 1000"), "{e}");
+    assert!(
+        e.contains("[copy].workers: expected a positive integer at most 64, got 1000"),
+        "{e}"
+    );
     let e = err(&format!("{GOOD}\n[throttle]\nmax_lag_bytes = 0\n"));
-    assert!(e.contains("[throttle].max_lag_bytes: expected a positive integer, got 0"), "{e}");
+    assert!(
+        e.contains("[throttle].max_lag_bytes: expected a positive integer, got 0"),
+        "{e}"
+    );
     let e = err(&format!("{GOOD}\n[throttle]\nmax_apply_lag_ms = 1.5\n"));
-    assert!(e.contains("[throttle].max_apply_lag_ms: expected a positive integer, got 1.5"), "{e}");
+    assert!(
+        e.contains("[throttle].max_apply_lag_ms: expected a positive integer, got 1.5"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_name_says_what_is_allowed() {
     let e = err(&with("\"orders_by_customer\"", "\"Orders-By-Customer\""));
-    assert!(e.starts_with("spec migration.toml: name: expected only lowercase letters, digits and underscore"), "{e}");
+    assert!(
+        e.starts_with(
+            "spec migration.toml: name: expected only lowercase letters, digits and underscore"
+        ),
+        "{e}"
+    );
     let long = "a".repeat(41);
     let e = err(&with("\"orders_by_customer\"", &format!("\"{long}\"")));
     assert!(e.contains("name: expected at most 40 characters"), "{e}");
@@ -133,21 +164,39 @@ fn unknown_fields_are_rejected_with_line_and_table() {
     let e = err(&format!("{GOOD}\n[copy]\nchunk_row = 5\n"));
     assert!(e.starts_with("spec migration.toml: line "), "{e}");
     assert!(e.contains("in [copy]"), "{e}");
-    assert!(e.contains("unknown field `chunk_row`, expected `chunk_rows` or `workers`"), "{e}");
+    assert!(
+        e.contains("unknown field `chunk_row`, expected `chunk_rows` or `workers`"),
+        "{e}"
+    );
     let e = err(&format!("{GOOD}\n[copyy]\nchunk_rows = 5\n"));
     assert!(e.contains("unknown field `copyy`"), "{e}");
-    let e = err(&with("table = \"public.orders\"", "table = \"public.orders\"\nschema = \"x\""));
-    assert!(e.contains("unknown field `schema`") && e.contains("in [source]"), "{e}");
+    let e = err(&with(
+        "table = \"public.orders\"",
+        "table = \"public.orders\"\nschema = \"x\"",
+    ));
+    assert!(
+        e.contains("unknown field `schema`") && e.contains("in [source]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_sections_and_fields() {
     let e = err("name = \"x\"\n[target]\ntable = \"t\"\n");
-    assert_eq!(e, "spec migration.toml: [source]: missing; expected a table with `url` and `table`");
+    assert_eq!(
+        e,
+        "spec migration.toml: [source]: missing; expected a table with `url` and `table`"
+    );
     let e = err(&with("table = \"public.orders\"\n", ""));
-    assert!(e.contains("[source].table: missing; expected a table name"), "{e}");
+    assert!(
+        e.contains("[source].table: missing; expected a table name"),
+        "{e}"
+    );
     let e = err(&with("table = \"orders_v2\"", "table = 5"));
-    assert!(e.contains("[target].table: expected a table name like `schema.table` or `table`, got 5"), "{e}");
+    assert!(
+        e.contains("[target].table: expected a table name like `schema.table` or `table`, got 5"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -163,16 +212,26 @@ fn bad_table_names() {
     ] {
         let text = with("table = \"orders_v2\"", &format!("table = '{bad}'"));
         let e = err(&text);
-        assert!(e.contains("[target].table: ") && e.contains(want), "{bad}: {e}");
+        assert!(
+            e.contains("[target].table: ") && e.contains(want),
+            "{bad}: {e}"
+        );
     }
     let long = "x".repeat(64);
-    assert!(QualifiedName::parse(&long).unwrap_err().to_string().contains("at most 63"));
+    assert!(QualifiedName::parse(&long)
+        .unwrap_err()
+        .to_string()
+        .contains("at most 63"));
 }
 
 #[test]
 fn table_name_parsing_and_quoting() {
     let n = QualifiedName::parse("Orders").unwrap();
-    assert_eq!(n, QualifiedName::new("public", "orders"), "unquoted names fold to lower case");
+    assert_eq!(
+        n,
+        QualifiedName::new("public", "orders"),
+        "unquoted names fold to lower case"
+    );
     let n = QualifiedName::parse(r#""My Schema"."Orders ✓""#).unwrap();
     assert_eq!(n, QualifiedName::new("My Schema", "Orders ✓"));
     let n = QualifiedName::parse(r#""Shop ""EU"""."Orders ✓""#).unwrap();
@@ -186,18 +245,36 @@ fn table_name_parsing_and_quoting() {
 #[test]
 fn same_table_in_same_database_is_rejected() {
     let e = err(&with("table = \"orders_v2\"", "table = \"orders\""));
-    assert!(e.contains("[target].table: must differ from [source].table"), "{e}");
+    assert!(
+        e.contains("[target].table: must differ from [source].table"),
+        "{e}"
+    );
 }
 
 #[test]
 fn control_off_loopback_needs_a_token() {
     let e = err(&format!("{GOOD}\n[control]\nlisten = \"0.0.0.0:7878\"\n"));
-    assert!(e.contains("[control].token: required when [control].listen is not a loopback address"), "{e}");
-    let e = err(&format!("{GOOD}\n[control]\nlisten = \"10.0.0.5:7878\"\ntoken = \"\"\n"));
-    assert!(e.contains("[control].token: expected a non-empty string"), "{e}");
-    assert!(Spec::parse(&format!("{GOOD}\n[control]\nlisten = \"[::1]:7878\"\n"), "m").is_ok());
+    assert!(
+        e.contains("[control].token: required when [control].listen is not a loopback address"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{GOOD}\n[control]\nlisten = \"10.0.0.5:7878\"\ntoken = \"\"\n"
+    ));
+    assert!(
+        e.contains("[control].token: expected a non-empty string"),
+        "{e}"
+    );
+    assert!(Spec::parse(
+        &format!("{GOOD}\n[control]\nlisten = \"[::1]:7878\"\n"),
+        "m"
+    )
+    .is_ok());
     let e = err(&format!("{GOOD}\n[control]\nlisten = \"localhost:7878\"\n"));
-    assert!(e.contains("[control].listen: expected an address like 127.0.0.1:7878"), "{e}");
+    assert!(
+        e.contains("[control].listen: expected an address like 127.0.0.1:7878"),
+        "{e}"
+    );
     let e = err(&format!("{GOOD}\n[metrics]\nlisten = \"nope\"\n"));
     assert!(e.contains("[metrics].listen:"), "{e}");
 }
@@ -208,18 +285,37 @@ fn create_must_not_end_the_transaction() {
         "(id bigint PRIMARY KEY)\"",
         "(id bigint PRIMARY KEY); COMMIT\"",
     ));
-    assert!(e.contains("[target].create: must not contain transaction control (COMMIT)"), "{e}");
-    let e = err(&with("create = \"CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY)\"", "create = \"  \""));
+    assert!(
+        e.contains("[target].create: must not contain transaction control (COMMIT)"),
+        "{e}"
+    );
+    let e = err(&with(
+        "create = \"CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY)\"",
+        "create = \"  \"",
+    ));
     assert!(e.contains("[target].create: expected SQL"), "{e}");
 }
 
 #[test]
 fn transform_values_must_be_sql_strings() {
     let e = err(&with("\"total_amount::bigint\"", "5"));
-    assert!(e.contains("[transform].total_amount_minor: expected an SQL expression (a string), got 5"), "{e}");
+    assert!(
+        e.contains("[transform].total_amount_minor: expected an SQL expression (a string), got 5"),
+        "{e}"
+    );
     let e = err(&with("\"total_amount_minor::integer\"", "\"\""));
-    assert!(e.contains("[reverse].total_amount: expected an SQL expression, got an empty string"), "{e}");
-    let s = Spec::parse(&with("[transform]", "[transform]\n\"Betrag Minor\" = '\"Betrag\"::bigint'"), "m").unwrap();
+    assert!(
+        e.contains("[reverse].total_amount: expected an SQL expression, got an empty string"),
+        "{e}"
+    );
+    let s = Spec::parse(
+        &with(
+            "[transform]",
+            "[transform]\n\"Betrag Minor\" = '\"Betrag\"::bigint'",
+        ),
+        "m",
+    )
+    .unwrap();
     assert_eq!(s.transform["Betrag Minor"], "\"Betrag\"::bigint");
 }
 
@@ -239,12 +335,18 @@ fn passwords_never_shown() {
         "postgres://app:hunter2xyz@db.example.com:5433/shop",
         "postgres://app:hunter2xyz@db.example.com:notaport/shop",
     ));
-    assert!(e.contains("[source].url: not a valid PostgreSQL connection URL"), "{e}");
+    assert!(
+        e.contains("[source].url: not a valid PostgreSQL connection URL"),
+        "{e}"
+    );
     let e = err(&with(
         "postgres://app:hunter2xyz@db.example.com:5433/shop",
         "host=db password=hunter2xyz bogus=1",
     ));
-    assert!(e.contains("[source].url: not a valid PostgreSQL connection URL"), "{e}");
+    assert!(
+        e.contains("[source].url: not a valid PostgreSQL connection URL"),
+        "{e}"
+    );
     // A URL where a table belongs: serde's own message would quote it.
     let e = err(&with(
         "[target]\n",
@@ -257,15 +359,25 @@ fn passwords_never_shown() {
     ));
     assert!(e.contains("line 4"), "{e}");
     let e = err(&format!("source = \"postgres://app:{PW}@h/db\"\n{GOOD}"));
-    assert!(e.contains("postgres://app:***@h/db") || e.contains("source"), "{e}");
+    assert!(
+        e.contains("postgres://app:***@h/db") || e.contains("source"),
+        "{e}"
+    );
     // The token never shows in errors about it.
     let e = err(&format!("{GOOD}\n[control]\ntoken = 12345678\n"));
-    assert!(e.contains("[control].token: expected a string") && !e.contains("12345678"), "{e}");
+    assert!(
+        e.contains("[control].token: expected a string") && !e.contains("12345678"),
+        "{e}"
+    );
 }
 
 #[test]
 fn read_errors_name_the_file() {
     let e = Spec::load(std::path::Path::new("/nonexistent/x.toml")).unwrap_err();
     assert!(matches!(e, SpecError::Read { .. }));
-    assert!(e.to_string().starts_with("spec /nonexistent/x.toml: cannot read:"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("spec /nonexistent/x.toml: cannot read:"),
+        "{e}"
+    );
 }
