@@ -1003,9 +1003,8 @@ pub fn statement_heads(sql: &str) -> Vec<String> {
                 let escapes = i > 0 && matches!(b[i - 1], 'E' | 'e');
                 i += 1;
                 while i < b.len() {
-                    if escapes && b[i] == '\\' {
-                        i += 2;
-                    } else if b[i] == '\'' && b.get(i + 1) == Some(&'\'') {
+                    // A backslash escape (E'' strings) or a doubled quote: two chars.
+                    if (escapes && b[i] == '\\') || (b[i] == '\'' && b.get(i + 1) == Some(&'\'')) {
                         i += 2;
                     } else if b[i] == '\'' {
                         i += 1;
