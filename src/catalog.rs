@@ -232,6 +232,17 @@ pub struct Privileges {
     pub create_on_database: bool,
 }
 
+/// Reads column `idx` of a catalog row; a NULL or type surprise is an error, never a panic.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    idx: usize,
+) -> Result<T, CatalogError> {
+    row.try_get(idx).map_err(|e| CatalogError::Query {
+        what: "decoding a catalog row",
+        reason: format!("column {idx}: {e}"),
+    })
+}
+
 fn oid_param(oid: u32) -> i64 {
     i64::from(oid)
 }
@@ -248,7 +259,7 @@ pub async fn table_oid(
         )
         .await
         .map_err(q("table exists"))?;
-    let oid: Option<i64> = row.get(0);
+    let oid: Option<i64> = col(&row, 0)?;
     Ok(oid.and_then(|o| u32::try_from(o).ok()))
 }
 
@@ -263,8 +274,8 @@ pub async fn table_name(c: &impl GenericClient, oid: u32) -> Result<QualifiedNam
         .await
         .map_err(q("table name"))?;
     Ok(QualifiedName::new(
-        row.get::<_, &str>(0),
-        row.get::<_, &str>(1),
+        col::<&str>(&row, 0)?,
+        col::<&str>(&row, 1)?,
     ))
 }
 
@@ -281,18 +292,19 @@ pub async fn columns(c: &impl GenericClient, oid: u32) -> Result<Vec<Column>, Ca
         )
         .await
         .map_err(q("columns"))?;
-    Ok(rows
-        .iter()
-        .map(|r| Column {
-            name: r.get(0),
-            type_name: r.get(1),
-            type_oid: u32::try_from(r.get::<_, i64>(2)).unwrap_or(0),
-            not_null: r.get(3),
-            has_default: r.get(4),
-            generated: r.get(5),
-            attnum: r.get(6),
+    rows.iter()
+        .map(|r| -> Result<Column, CatalogError> {
+            Ok(Column {
+                name: col(r, 0)?,
+                type_name: col(r, 1)?,
+                type_oid: u32::try_from(col::<i64>(r, 2)?).unwrap_or(0),
+                not_null: col(r, 3)?,
+                has_default: col(r, 4)?,
+                generated: col(r, 5)?,
+                attnum: col(r, 6)?,
+            })
         })
-        .collect())
+        .collect::<Result<_, _>>()
 }
 
 const INDEX_COLS: &str =
@@ -319,19 +331,20 @@ pub async fn unique_indexes(
         .query(&sql, &[&oid_param(oid)])
         .await
         .map_err(q("unique indexes"))?;
-    Ok(rows
-        .iter()
-        .map(|r| UniqueIndex {
-            name: r.get(0),
-            columns: r.get(1),
-            primary: r.get(2),
-            partial: r.get(3),
-            expressions: r.get(4),
-            valid: r.get(5),
-            immediate: r.get(6),
-            all_not_null: r.get(7),
+    rows.iter()
+        .map(|r| -> Result<UniqueIndex, CatalogError> {
+            Ok(UniqueIndex {
+                name: col(r, 0)?,
+                columns: col(r, 1)?,
+                primary: col(r, 2)?,
+                partial: col(r, 3)?,
+                expressions: col(r, 4)?,
+                valid: col(r, 5)?,
+                immediate: col(r, 6)?,
+                all_not_null: col(r, 7)?,
+            })
         })
-        .collect())
+        .collect::<Result<_, _>>()
 }
 
 /// The primary key's columns, if the table has one.
@@ -372,7 +385,7 @@ pub async fn replica_identity(
         )
         .await
         .map_err(q("replica identity"))?;
-    let kind: String = row.get(0);
+    let kind: String = col(&row, 0)?;
     match kind.as_str() {
         "n" => Ok(ReplicaIdentity::Nothing),
         "f" => Ok(ReplicaIdentity::Full),
@@ -390,8 +403,8 @@ pub async fn replica_identity(
             // server then behaves as NOTHING.
             Ok(match row {
                 Some(r) => ReplicaIdentity::Index {
-                    name: r.get(0),
-                    columns: r.get(1),
+                    name: col(&r, 0)?,
+                    columns: col(&r, 1)?,
                 },
                 None => ReplicaIdentity::Nothing,
             })
@@ -425,22 +438,23 @@ pub async fn foreign_keys(
         )
         .await
         .map_err(q("foreign keys"))?;
-    Ok(rows
-        .iter()
-        .map(|r| ForeignKey {
-            name: r.get(0),
-            direction: if r.get::<_, bool>(1) {
-                FkDirection::Out
-            } else {
-                FkDirection::In
-            },
-            from_table: QualifiedName::new(r.get::<_, &str>(2), r.get::<_, &str>(3)),
-            from_columns: r.get(4),
-            to_table: QualifiedName::new(r.get::<_, &str>(5), r.get::<_, &str>(6)),
-            to_columns: r.get(7),
-            definition: r.get(8),
+    rows.iter()
+        .map(|r| -> Result<ForeignKey, CatalogError> {
+            Ok(ForeignKey {
+                name: col(r, 0)?,
+                direction: if col::<bool>(r, 1)? {
+                    FkDirection::Out
+                } else {
+                    FkDirection::In
+                },
+                from_table: QualifiedName::new(col::<&str>(r, 2)?, col::<&str>(r, 3)?),
+                from_columns: col(r, 4)?,
+                to_table: QualifiedName::new(col::<&str>(r, 5)?, col::<&str>(r, 6)?),
+                to_columns: col(r, 7)?,
+                definition: col(r, 8)?,
+            })
         })
-        .collect())
+        .collect::<Result<_, _>>()
 }
 
 /// Bytes on disk of the table with its indexes and TOAST, summed over all partitions.
@@ -456,7 +470,7 @@ pub async fn table_size(c: &impl GenericClient, oid: u32) -> Result<i64, Catalog
         )
         .await
         .map_err(q("table size"))?;
-    Ok(row.get(0))
+    col(&row, 0)
 }
 
 /// Whether the table holds at least one row.
@@ -468,7 +482,7 @@ pub async fn has_rows(c: &impl GenericClient, table: &QualifiedName) -> Result<b
         )
         .await
         .map_err(q("has rows"))?;
-    Ok(row.get(0))
+    col(&row, 0)
 }
 
 /// How the table is partitioned, or `None` when it is not.
@@ -488,20 +502,21 @@ pub async fn partitioning(
         )
         .await
         .map_err(q("partitioning"))?;
-    Ok(row.map(|r| {
-        let strategy = match r.get::<_, &str>(0) {
+    let Some(r) = row else { return Ok(None) };
+    {
+        let strategy = match col::<&str>(&r, 0)? {
             "h" => "hash",
             "l" => "list",
             "r" => "range",
             _ => "unknown",
         }
         .to_string();
-        Partitioning {
+        Ok(Some(Partitioning {
             strategy,
-            columns: r.get::<_, Vec<Option<String>>>(1),
-            partitions: r.get(2),
-        }
-    }))
+            columns: col::<Vec<Option<String>>>(&r, 1)?,
+            partitions: col(&r, 2)?,
+        }))
+    }
 }
 
 /// Settings that logical replication needs.
@@ -521,13 +536,13 @@ pub async fn server_settings(c: &impl GenericClient) -> Result<ServerSettings, C
         .await
         .map_err(q("server settings"))?;
     Ok(ServerSettings {
-        wal_level: row.get(0),
-        max_replication_slots: row.get(1),
-        max_wal_senders: row.get(2),
-        max_slot_wal_keep_size_mb: row.get(3),
-        server_version_num: row.get(4),
-        data_directory: row.get(5),
-        port: row.get(6),
+        wal_level: col(&row, 0)?,
+        max_replication_slots: col(&row, 1)?,
+        max_wal_senders: col(&row, 2)?,
+        max_slot_wal_keep_size_mb: col(&row, 3)?,
+        server_version_num: col(&row, 4)?,
+        data_directory: col(&row, 5)?,
+        port: col(&row, 6)?,
     })
 }
 
@@ -542,8 +557,8 @@ pub async fn replication_usage(c: &impl GenericClient) -> Result<ReplicationUsag
         .await
         .map_err(q("replication usage"))?;
     Ok(ReplicationUsage {
-        slots: row.get(0),
-        walsenders: row.get(1),
+        slots: col(&row, 0)?,
+        walsenders: col(&row, 1)?,
     })
 }
 
@@ -561,7 +576,7 @@ pub async fn slot_and_publication_exist(
         )
         .await
         .map_err(q("slot and publication"))?;
-    Ok((row.get(0), row.get(1)))
+    Ok((col(&row, 0)?, col(&row, 1)?))
 }
 
 /// The connected role's attributes.
@@ -576,10 +591,10 @@ pub async fn privileges(c: &impl GenericClient) -> Result<Privileges, CatalogErr
         .await
         .map_err(q("privileges"))?;
     Ok(Privileges {
-        role: row.get(0),
-        superuser: row.get(1),
-        replication: row.get(2),
-        create_on_database: row.get(3),
+        role: col(&row, 0)?,
+        superuser: col(&row, 1)?,
+        replication: col(&row, 2)?,
+        create_on_database: col(&row, 3)?,
     })
 }
 
@@ -612,9 +627,9 @@ pub async fn table_privileges(
         .await
         .map_err(q("table privileges"))?;
     Ok(TablePrivileges {
-        select: row.get(0),
-        write: row.get(1),
-        owner: row.get(2),
+        select: col(&row, 0)?,
+        write: col(&row, 1)?,
+        owner: col(&row, 2)?,
     })
 }
 
@@ -630,5 +645,5 @@ pub async fn schema_create(
         )
         .await
         .map_err(q("schema privilege"))?;
-    Ok(row.map(|r| r.get(0)))
+    row.map(|r| col(&r, 0)).transpose()
 }
