@@ -230,6 +230,14 @@ struct TargetInfo {
 pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     let src = catalog::connect(&spec.source.url).await?;
     let mut tgt = catalog::connect(&spec.target.url).await?;
+    // The target transaction below may hold locks from [target].create while the source
+    // connection prepares statements in the same database: bound every wait.
+    src.batch_execute(&format!(
+        "SET lock_timeout = {}; SET statement_timeout = '60s'",
+        spec.throttle.lock_timeout_ms
+    ))
+    .await
+    .map_err(pq("set timeouts on source"))?;
     let mut ck = Checks(Vec::new());
 
     // --- source server ---------------------------------------------------------------------
@@ -505,7 +513,15 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             None
         }
         (None, Some(oid)) => {
-            if catalog::has_rows(&tx, tgt_table).await? {
+            if !catalog::table_privileges(&tx, oid).await?.select {
+                // The privileges check below reports the missing rights.
+                ck.ok(
+                    TARGET_TABLE,
+                    format!(
+                        "{tgt_table} exists (not readable by this role, so not checked for rows)"
+                    ),
+                );
+            } else if catalog::has_rows(&tx, tgt_table).await? {
                 ck.warn(
                     TARGET_TABLE,
                     format!("{tgt_table} exists and already holds rows"),

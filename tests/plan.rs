@@ -670,3 +670,44 @@ k = "{key_expr}"
     );
     assert!(ri.fix.as_deref().unwrap().contains("REPLICA IDENTITY FULL"));
 }
+
+#[test]
+fn existing_target_table_is_used_and_rows_in_it_are_flagged() {
+    let (c, db) = testpg::fresh_db("plan_existing").unwrap();
+    c.psql(&db, ORDERS_SCHEMA).unwrap();
+    c.psql(&db, "ALTER TABLE public.orders REPLICA IDENTITY FULL")
+        .unwrap();
+    let text = orders_spec_text(&c.url(&db));
+    // Create the target from the fixture's DDL, then plan without `create`.
+    let spec = parse(&text);
+    c.psql(&db, spec.target.create.as_deref().unwrap()).unwrap();
+    let start = text.find("create = \"\"\"").unwrap();
+    let end = start + text[start..].find("\"\"\"\n\n").unwrap() + 4;
+    let without_create = format!("{}{}", &text[..start], &text[end..]);
+    let spec = parse(&without_create);
+    assert!(spec.target.create.is_none());
+    let p = run_plan(&spec);
+    assert!(p.ok(), "{}", p.render());
+    assert_eq!(status(&p, names::TARGET_TABLE), Status::Ok);
+    assert!(p.steps[3].rollback.contains("leaves"), "{:?}", p.steps[3]);
+
+    c.psql(
+        &db,
+        "INSERT INTO public.orders_v2 (id, customer_id, created_at) VALUES (1, 1, now())",
+    )
+    .unwrap();
+    let p = run_plan(&spec);
+    assert_eq!(
+        status(&p, names::TARGET_TABLE),
+        Status::Warn,
+        "{}",
+        p.render()
+    );
+    assert!(p.ok());
+
+    // With `create` given, an existing table is a failure.
+    let p = run_plan(&parse(&text));
+    let t = p.check(names::TARGET_TABLE).unwrap();
+    assert_eq!(t.status, Status::Fail);
+    assert!(t.detail.contains("already exists"), "{}", t.detail);
+}
