@@ -213,6 +213,8 @@ pub mod names {
     pub const FOREIGN_KEYS: &str = "foreign keys";
     /// Free disk.
     pub const DISK: &str = "free disk";
+    /// What the reverse stream (writes stage) will need on the target.
+    pub const REVERSE: &str = "reverse replication";
 }
 
 use names::*;
@@ -816,6 +818,42 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     match src_size {
         None => ck.skip(DISK, "the source table does not exist"),
         Some(size) => disk_check(size, &tsettings, &mut ck),
+    }
+
+    // --- reverse stream (needed from the writes stage on) ----------------------------------------
+    let tusage = catalog::replication_usage(&tgt).await?;
+    let same_server = spec.source.url.same_server(&spec.target.url);
+    // On one server the forward slot counts against the same limit.
+    let needed = if same_server { 2 } else { 1 };
+    let tfree = tsettings.max_replication_slots - tusage.slots;
+    let mut problems = Vec::new();
+    if tsettings.wal_level != "logical" {
+        problems.push(format!(
+            "the target's wal_level is {:?}, not \"logical\"",
+            tsettings.wal_level
+        ));
+    }
+    if tfree < needed {
+        problems.push(format!(
+            "{tfree} replication slot(s) free on the target server, {needed} needed{}",
+            if same_server {
+                " (the forward slot is on the same server)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if tsettings.max_wal_senders - tusage.walsenders < needed {
+        problems.push("no WAL sender free on the target server for the reverse stream".into());
+    }
+    if problems.is_empty() {
+        ck.ok(REVERSE, "the target can feed the reverse stream that keeps the old table current after `cutover writes`");
+    } else {
+        ck.warn(
+            REVERSE,
+            format!("{}: `cutover writes` will refuse until this is fixed (earlier stages do not need it)", problems.join("; ")),
+            Some("on the target: ALTER SYSTEM SET wal_level = logical / raise max_replication_slots and max_wal_senders; restart".into()),
+        );
     }
 
     Ok(Plan {

@@ -282,6 +282,12 @@ impl DbUrl {
         format!("postgres://{user}{pw}{at}{}/{db}", hosts.join(","))
     }
 
+    /// Whether two URLs name the same server (same hosts and ports).
+    pub fn same_server(&self, other: &DbUrl) -> bool {
+        self.config.get_hosts() == other.config.get_hosts()
+            && self.config.get_ports() == other.config.get_ports()
+    }
+
     /// Whether two URLs name the same database on the same server (same hosts, ports and
     /// database name; users may differ).
     pub fn same_database(&self, other: &DbUrl) -> bool {

@@ -265,6 +265,14 @@ fn wal_level_replica_fails_with_the_fix() {
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(failed, vec![names::WAL_LEVEL]);
+    // The target is the same server: the reverse stream cannot work either.
+    let r = p.check(names::REVERSE).unwrap();
+    assert_eq!(r.status, Status::Warn);
+    assert!(
+        r.detail.contains("wal_level is \"replica\""),
+        "{}",
+        r.detail
+    );
 }
 
 #[test]
