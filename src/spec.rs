@@ -729,7 +729,8 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> SpecError {
     let (line, table) = match e.span() {
         Some(span) => {
             let start = span.start.min(text.len());
-            let before = &text[..start];
+            // A span off a char boundary must not panic: fall back to the whole text.
+            let before = text.get(..start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
             // The innermost `[table]` header above the problem, for orientation.
             let table = before

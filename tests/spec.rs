@@ -381,3 +381,12 @@ fn read_errors_name_the_file() {
         "{e}"
     );
 }
+
+#[test]
+fn syntax_errors_near_unicode_do_not_panic() {
+    let e = err("name = \"✓✓\" ✓ oops\n");
+    assert!(e.starts_with("spec migration.toml: line 1"), "{e}");
+    let e = err(&format!("{GOOD}\n[transform]\n\"Betrag ✓\" = \n"));
+    assert!(e.contains("line "), "{e}");
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
+}
