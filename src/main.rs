@@ -23,10 +23,53 @@ fn not_built(name: &str) -> i32 {
     2
 }
 
+/// `shadowmig plan SPEC`: 0 when every check passes, 1 when one fails, 2 when the spec is
+/// unreadable or a server unreachable. Errors never carry a password: spec and catalog
+/// errors are built from redacted URLs.
+fn plan_command(spec_path: &std::path::Path) -> i32 {
+    let spec = match shadowmig::spec::Spec::load(spec_path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shadowmig plan: {e}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shadowmig plan: cannot start the async runtime: {e}");
+            return 2;
+        }
+    };
+    let result: anyhow::Result<shadowmig::plan::Plan> =
+        rt.block_on(async { Ok(shadowmig::plan::plan(&spec).await?) });
+    match result {
+        Ok(plan) => {
+            print!("{}", plan.render());
+            if plan.ok() {
+                0
+            } else {
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "shadowmig plan: {}",
+                shadowmig::spec::scrub_secrets(&format!("{e:#}")).replace('\n', " ")
+            );
+            2
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {
+        Command::Plan { spec } => plan_command(&spec),
         Command::Demo => not_built("demo"),
         other => not_built(other.name()),
     };

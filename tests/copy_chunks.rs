@@ -32,36 +32,58 @@ CREATE TABLE clone (LIKE "Sales ""EU"""."Orders ✓");
 fn source() -> CopySource {
     CopySource {
         table_sql: "\"Sales \"\"EU\"\"\".\"Orders ✓\"".into(),
-        columns: ["\"Region\"", "\"n\"", "\"amount\"", "\"at\"", "\"id\"", "\"doc\"", "\"tags\""]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        columns: [
+            "\"Region\"",
+            "\"n\"",
+            "\"amount\"",
+            "\"at\"",
+            "\"id\"",
+            "\"doc\"",
+            "\"tags\"",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         key: vec![0, 1],
     }
 }
 
 async fn insert_clone(client: &tokio_postgres::Client, rows: &[shadowmig::pgoutput::TupleData]) {
-    let stmt = client.prepare("INSERT INTO clone VALUES ($1, $2, $3, $4, $5, $6, $7)").await.unwrap();
+    let stmt = client
+        .prepare("INSERT INTO clone VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        .await
+        .unwrap();
     for r in rows {
-        let params: Vec<Option<RawParam>> = r
-            .0
+        let params: Vec<Option<RawParam>> =
+            r.0.iter()
+                .map(|v| match v {
+                    TupleValue::Binary(b) => Some(RawParam(b.clone())),
+                    TupleValue::Null => None,
+                    other => panic!("unexpected value {other:?}"),
+                })
+                .collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
             .iter()
-            .map(|v| match v {
-                TupleValue::Binary(b) => Some(RawParam(b.clone())),
-                TupleValue::Null => None,
-                other => panic!("unexpected value {other:?}"),
-            })
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
         client.execute(&stmt, &refs).await.unwrap();
     }
 }
 
 fn assert_same(c: &testpg::TestCluster, db: &str) {
     let t = "\"Sales \"\"EU\"\"\".\"Orders ✓\"";
-    let missing = c.psql(db, &format!("SELECT count(*) FROM (TABLE {t} EXCEPT ALL TABLE clone) x")).unwrap();
-    let extra = c.psql(db, &format!("SELECT count(*) FROM (TABLE clone EXCEPT ALL TABLE {t}) x")).unwrap();
+    let missing = c
+        .psql(
+            db,
+            &format!("SELECT count(*) FROM (TABLE {t} EXCEPT ALL TABLE clone) x"),
+        )
+        .unwrap();
+    let extra = c
+        .psql(
+            db,
+            &format!("SELECT count(*) FROM (TABLE clone EXCEPT ALL TABLE {t}) x"),
+        )
+        .unwrap();
     assert_eq!((missing.as_str(), extra.as_str()), ("0", "0"));
     assert_eq!(c.psql(db, "SELECT count(*) FROM clone").unwrap(), "103");
 }
@@ -75,7 +97,10 @@ async fn sequential_chunks_cover_every_row_once_in_key_order() {
     let mut after: Option<KeyValue> = None;
     let mut chunks = 0;
     loop {
-        let chunk = src.read_chunk(&mut client, after.as_ref(), None, Some(10)).await.unwrap();
+        let chunk = src
+            .read_chunk(&mut client, after.as_ref(), None, Some(10))
+            .await
+            .unwrap();
         assert!(chunk.rows.len() <= 10);
         assert!(chunk.snapshot.xmax >= chunk.snapshot.xmin);
         if chunk.rows.is_empty() {
@@ -97,14 +122,25 @@ async fn boundaries_split_the_table_into_disjoint_ranges() {
     let src = source();
     let mut bounds = Vec::new();
     let mut after: Option<KeyValue> = None;
-    while let Some(b) = src.boundary_after(&client, after.as_ref(), 25).await.unwrap() {
+    while let Some(b) = src
+        .boundary_after(&client, after.as_ref(), 25)
+        .await
+        .unwrap()
+    {
         bounds.push(b.clone());
         after = Some(b);
     }
-    assert_eq!(bounds.len(), 4, "103 rows in ranges of 25: 4 bounds and an open tail");
+    assert_eq!(
+        bounds.len(),
+        4,
+        "103 rows in ranges of 25: 4 bounds and an open tail"
+    );
     let mut lo: Option<KeyValue> = None;
     for hi in bounds.iter().map(Some).chain([None]) {
-        let chunk = src.read_chunk(&mut client, lo.as_ref(), hi, None).await.unwrap();
+        let chunk = src
+            .read_chunk(&mut client, lo.as_ref(), hi, None)
+            .await
+            .unwrap();
         if hi.is_some() {
             assert_eq!(chunk.rows.len(), 25);
             assert_eq!(chunk.last_key.as_ref(), hi);
@@ -122,12 +158,22 @@ async fn an_empty_table_and_a_keyless_source_are_handled() {
     let (c, db) = testpg::fresh_db("copy_empty").unwrap();
     c.psql(&db, "CREATE TABLE e (id int PRIMARY KEY)").unwrap();
     let mut client = c.client(&db).await.unwrap();
-    let src = CopySource { table_sql: "\"e\"".into(), columns: vec!["\"id\"".into()], key: vec![0] };
-    let chunk = src.read_chunk(&mut client, None, None, Some(5)).await.unwrap();
+    let src = CopySource {
+        table_sql: "\"e\"".into(),
+        columns: vec!["\"id\"".into()],
+        key: vec![0],
+    };
+    let chunk = src
+        .read_chunk(&mut client, None, None, Some(5))
+        .await
+        .unwrap();
     assert!(chunk.rows.is_empty() && chunk.last_key.is_none());
     assert_eq!(src.boundary_after(&client, None, 5).await.unwrap(), None);
     let keyless = CopySource { key: vec![], ..src };
-    let err = keyless.read_chunk(&mut client, None, None, Some(5)).await.unwrap_err();
+    let err = keyless
+        .read_chunk(&mut client, None, None, Some(5))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no key columns"), "{err}");
 }
 
@@ -135,7 +181,11 @@ async fn an_empty_table_and_a_keyless_source_are_handled() {
 async fn watermarks_return_increasing_lsns() {
     let (c, db) = testpg::fresh_db("copy_wm").unwrap();
     let client = c.client(&db).await.unwrap();
-    let a = shadowmig::copy::emit_watermark(&client, "shadowmig", "lw:1").await.unwrap();
-    let b = shadowmig::copy::emit_watermark(&client, "shadowmig", "hw:1").await.unwrap();
+    let a = shadowmig::copy::emit_watermark(&client, "shadowmig", "lw:1")
+        .await
+        .unwrap();
+    let b = shadowmig::copy::emit_watermark(&client, "shadowmig", "hw:1")
+        .await
+        .unwrap();
     assert!(b > a, "{a} < {b}");
 }
