@@ -189,3 +189,35 @@ async fn watermarks_return_increasing_lsns() {
         .unwrap();
     assert!(b > a, "{a} < {b}");
 }
+
+#[tokio::test]
+async fn read_keys_returns_the_current_rows_of_existing_keys_only() {
+    let (c, db) = testpg::fresh_db("copy_keys").unwrap();
+    c.psql(&db, SETUP).unwrap();
+    let mut client = c.client(&db).await.unwrap();
+    let src = source();
+    let first = src
+        .read_chunk(&mut client, None, None, Some(3))
+        .await
+        .unwrap();
+    let keys: Vec<KeyValue> = first.rows.iter().map(|r| src.key_of(r).unwrap()).collect();
+    // Change one, delete another: a re-read sees the current state.
+    c.psql(&db, "UPDATE \"Sales \"\"EU\"\"\".\"Orders ✓\" SET amount = -1 WHERE (\"Region\", n) = (SELECT \"Region\", n FROM \"Sales \"\"EU\"\"\".\"Orders ✓\" ORDER BY 1, 2 LIMIT 1)").unwrap();
+    c.psql(&db, "DELETE FROM \"Sales \"\"EU\"\"\".\"Orders ✓\" WHERE (\"Region\", n) = (SELECT \"Region\", n FROM \"Sales \"\"EU\"\"\".\"Orders ✓\" ORDER BY 1, 2 OFFSET 1 LIMIT 1)").unwrap();
+    let again = src.read_keys(&mut client, &keys).await.unwrap();
+    assert_eq!(again.rows.len(), 2);
+    assert_eq!(src.key_of(&again.rows[0]).unwrap(), keys[0]);
+    assert_eq!(src.key_of(&again.rows[1]).unwrap(), keys[2]);
+    assert_ne!(
+        again.rows[0], first.rows[0],
+        "the updated row is read fresh"
+    );
+    assert!(src
+        .read_keys(&mut client, &[])
+        .await
+        .unwrap()
+        .rows
+        .is_empty());
+    let too_many = vec![keys[0].clone(); 1001];
+    assert!(src.read_keys(&mut client, &too_many).await.is_err());
+}

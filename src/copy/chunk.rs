@@ -8,6 +8,7 @@
 
 use bytes::Bytes;
 use futures_util::{pin_mut, TryStreamExt};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use crate::pgoutput::{TupleData, TupleValue};
@@ -172,6 +173,78 @@ impl CopySource {
         limit: Option<i64>,
     ) -> Result<Chunk, CopyError> {
         self.check()?;
+        let sql = self.chunk_sql(after.is_some(), upto.is_some(), limit.is_some());
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        for k in [after, upto].into_iter().flatten() {
+            self.push_key(&mut params, k)?;
+        }
+        if let Some(l) = limit {
+            params.push(Box::new(l));
+        }
+        self.read(client, &sql, params).await
+    }
+
+    /// Reads the current rows of the given keys (those that still exist), like a chunk: one
+    /// REPEATABLE READ transaction whose snapshot comes back with the rows. At most 1,000
+    /// keys per call keeps the statement's parameters well inside the protocol's limit.
+    pub async fn read_keys(
+        &self,
+        client: &mut Client,
+        keys: &[KeyValue],
+    ) -> Result<Chunk, CopyError> {
+        self.check()?;
+        if keys.len() > 1000 {
+            return Err(CopyError::Spec("at most 1,000 keys per re-read".into()));
+        }
+        let arity = self.key.len();
+        let tuples: Vec<String> = (0..keys.len())
+            .map(|i| format!("({})", self.key_params(1 + i * arity)))
+            .collect();
+        let sql = if keys.is_empty() {
+            format!(
+                "SELECT {} FROM {} WHERE false",
+                self.columns.join(", "),
+                self.table_sql
+            )
+        } else {
+            format!(
+                "SELECT {} FROM {} WHERE ({}) IN ({}) ORDER BY {}",
+                self.columns.join(", "),
+                self.table_sql,
+                self.key_list(),
+                tuples.join(", "),
+                self.key_list()
+            )
+        };
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        for k in keys {
+            self.push_key(&mut params, k)?;
+        }
+        self.read(client, &sql, params).await
+    }
+
+    fn push_key(
+        &self,
+        params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
+        k: &KeyValue,
+    ) -> Result<(), CopyError> {
+        if k.len() != self.key.len() {
+            return Err(CopyError::Spec(
+                "key value arity differs from the key".into(),
+            ));
+        }
+        for v in k {
+            params.push(Box::new(RawParam(v.clone())));
+        }
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        client: &mut Client,
+        sql: &str,
+        params: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<Chunk, CopyError> {
         let tx = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -186,31 +259,14 @@ impl CopySource {
             .get(0);
         let snapshot = Snapshot::parse(&snap)
             .ok_or_else(|| CopyError::Protocol(format!("unparsable snapshot {snap:?}")))?;
-        let sql = self.chunk_sql(after.is_some(), upto.is_some(), limit.is_some());
         let stmt = tx
-            .prepare(&sql)
+            .prepare(sql)
             .await
             .map_err(q("preparing the chunk query"))?;
-        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
-        for k in [after, upto].into_iter().flatten() {
-            if k.len() != self.key.len() {
-                return Err(CopyError::Spec(
-                    "key value arity differs from the key".into(),
-                ));
-            }
-            for v in k {
-                params.push(Box::new(RawParam(v.clone())));
-            }
-        }
-        if let Some(l) = limit {
-            params.push(Box::new(l));
-        }
         let stream = tx
             .query_raw(
                 &stmt,
-                params
-                    .iter()
-                    .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)),
+                params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
             )
             .await
             .map_err(q("reading a chunk"))?;
@@ -267,7 +323,7 @@ impl CopySource {
         self.check()?;
         let keys = self.key_list();
         let mut sql = format!("SELECT {keys} FROM {}", self.table_sql);
-        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut next = 1;
         if let Some(k) = after {
             sql.push_str(&format!(" WHERE ({keys}) > ({})", self.key_params(1)));

@@ -1,0 +1,1028 @@
+//! `shadowmig run`: wires set-up, backfill and streaming apply into one long-running process.
+//!
+//! Owns the order of events: the change stream is the clock. Streamed transactions and
+//! backfilled chunks (at their high watermark) join one sequence of batches, each applied in
+//! one target transaction together with its progress, and the slot is confirmed only after
+//! that commit. A crash at any point therefore repeats at most one batch or chunk, and the
+//! next `run` resumes from the state in the target. It must never write the source table,
+//! never confirm what is not committed in the target, and never decode or apply by itself
+//! (that is `pgoutput` and `apply`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_postgres::Client;
+
+use crate::apply::{unapplied, ApplyTarget, ApplyWriter, Change, ProgressKey, SourceChange, SourceColumn, TargetColumn};
+use crate::catalog::{self, ReplicaIdentity};
+use crate::copy::{emit_watermark, CopySource, HighOutcome, KeyValue, Snapshot, WatermarkTracker};
+use crate::lsn::Lsn;
+use crate::pgoutput::{Decoder, LogicalMessage, OldKind, RelationBody, TupleData, TupleValue};
+use crate::replication::{PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent, SnapshotAction, StreamConfig};
+use crate::spec::{quote_ident, Spec};
+use crate::state::{self, ChunkProgress, Direction};
+
+/// The prefix of shadowmig's logical messages (watermarks and sync markers).
+pub const MESSAGE_PREFIX: &str = "shadowmig";
+
+/// How `run` behaves beyond the spec.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Exit 0 once the backfill is done and apply has caught up with the source (for scripts
+    /// and tests); otherwise run until stopped.
+    pub exit_when_caught_up: bool,
+    /// Flush a batch once it holds this many changes (at a transaction boundary).
+    pub batch_changes: usize,
+    /// Flush a non-empty batch when the stream has been quiet this long.
+    pub batch_idle: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { exit_when_caught_up: false, batch_changes: 20_000, batch_idle: Duration::from_millis(20) }
+    }
+}
+
+/// How a `run` ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped by SIGINT/SIGTERM after committing and confirming the current batch.
+    Stopped,
+    /// Backfill done and apply caught up (with `exit_when_caught_up`).
+    CaughtUp,
+    /// Something happened on the source that needs an operator; the message says what.
+    Paused(String),
+}
+
+/// Why `run` could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A preflight check failed; the text is the plan's report of failures.
+    #[error("{0}")]
+    Preflight(String),
+    /// Set-up failed.
+    #[error("set-up: {0}")]
+    Setup(String),
+    /// A connection broke; `run` retries these itself.
+    #[error("connection lost: {0}")]
+    Connection(String),
+    /// Anything else.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl RunError {
+    fn retryable(&self) -> bool {
+        matches!(self, RunError::Connection(_))
+    }
+}
+
+fn setup_err(what: &str) -> impl FnOnce(String) -> RunError + '_ {
+    move |e| RunError::Setup(format!("{what}: {e}"))
+}
+
+/// Maps a target-database error: a broken connection is retryable, the rest is fatal.
+fn pg_err(what: &str, e: tokio_postgres::Error) -> RunError {
+    if e.is_closed() || e.as_db_error().map(|d| d.code().code().starts_with("57P")).unwrap_or(false) || io_cause(&e) {
+        RunError::Connection(format!("{what}: {}", catalog::db_message(&e)))
+    } else {
+        RunError::Fatal(format!("{what}: {}", catalog::db_message(&e)))
+    }
+}
+
+fn io_cause(e: &tokio_postgres::Error) -> bool {
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+fn repl_err(what: &str, e: ReplicationError) -> RunError {
+    if e.is_connection_lost() || matches!(e, ReplicationError::Connect { .. } | ReplicationError::ConnectTimeout(_)) {
+        RunError::Connection(format!("{what}: {e}"))
+    } else {
+        RunError::Fatal(format!("{what}: {e}"))
+    }
+}
+
+fn apply_err(what: &str, e: crate::apply::ApplyError) -> RunError {
+    match e {
+        crate::apply::ApplyError::Db { source, during } => pg_err(&format!("{what} ({during})"), source),
+        other => RunError::Fatal(format!("{what}: {other}")),
+    }
+}
+
+fn state_err(what: &str, e: state::StateError) -> RunError {
+    match e {
+        state::StateError::Db { source, during } => pg_err(&format!("{what} ({during})"), source),
+        other => RunError::Fatal(format!("{what}: {other}")),
+    }
+}
+
+fn copy_err(what: &str, e: crate::copy::CopyError) -> RunError {
+    match e {
+        crate::copy::CopyError::Query { source, context } => pg_err(&format!("{what} ({context})"), source),
+        other => RunError::Fatal(format!("{what}: {other}")),
+    }
+}
+
+/// Everything `run` derives from the spec and the catalogs once per connection.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The source table's oid.
+    pub source_oid: u32,
+    /// The source's columns as pgoutput sends them (attribute order, no generated columns).
+    pub source_columns: Vec<catalog::Column>,
+    /// What apply writes.
+    pub apply_target: ApplyTarget,
+    /// What the backfill reads; its key is the identity the stream matches rows by.
+    pub copy_source: CopySource,
+}
+
+/// Derives the apply target and the copy source from the catalogs of both databases.
+pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared, RunError> {
+    let cat = |e: catalog::CatalogError| RunError::Setup(e.to_string());
+    let source_oid = catalog::table_oid(src, &spec.source.table)
+        .await
+        .map_err(cat)?
+        .ok_or_else(|| RunError::Setup(format!("source table {} not found", spec.source.table.quoted())))?;
+    let source_columns: Vec<catalog::Column> =
+        catalog::columns(src, source_oid).await.map_err(cat)?.into_iter().filter(|c| !c.generated).collect();
+    let pk = catalog::primary_key(src, source_oid).await.map_err(cat)?;
+    let identity_cols: Vec<String> = match catalog::replica_identity(src, source_oid).await.map_err(cat)? {
+        ReplicaIdentity::Default => pk.clone().ok_or_else(|| {
+            RunError::Setup("the source table has no primary key and REPLICA IDENTITY DEFAULT: run shadowmig plan for the fix".into())
+        })?,
+        ReplicaIdentity::Index { columns, .. } => columns,
+        ReplicaIdentity::Full => source_columns.iter().map(|c| c.name.clone()).collect(),
+        ReplicaIdentity::Nothing => {
+            return Err(RunError::Setup(
+                "the source table has REPLICA IDENTITY NOTHING: deletes and updates cannot be applied; run shadowmig plan for the fix".into(),
+            ))
+        }
+    };
+    // Page the backfill by the columns the stream identifies rows by, so a chunk's keys and
+    // a change's keys are comparable. Under FULL that is every column: page by the primary
+    // key instead (FULL old tuples carry it too).
+    let paging: Vec<String> = if identity_cols.len() == source_columns.len() {
+        pk.clone().ok_or_else(|| RunError::Setup("REPLICA IDENTITY FULL without a primary key: the backfill has nothing to page by".into()))?
+    } else {
+        identity_cols.clone()
+    };
+    let pos = |name: &str| source_columns.iter().position(|c| c.name == name);
+    let key: Vec<usize> = paging
+        .iter()
+        .map(|n| pos(n).ok_or_else(|| RunError::Setup(format!("key column {n} is not a source column"))))
+        .collect::<Result<_, _>>()?;
+
+    let target_oid = catalog::table_oid(tgt, &spec.target.table)
+        .await
+        .map_err(cat)?
+        .ok_or_else(|| RunError::Setup(format!("target table {} not found", spec.target.table.quoted())))?;
+    let target_cols = catalog::columns(tgt, target_oid).await.map_err(cat)?;
+    let target_key = catalog::row_key(tgt, target_oid)
+        .await
+        .map_err(cat)?
+        .map(|(_, cols)| cols)
+        .ok_or_else(|| RunError::Setup(format!("target table {} has no primary key or usable unique index", spec.target.table.quoted())))?;
+    let mut target_columns = Vec::new();
+    for c in target_cols.iter().filter(|c| !c.generated) {
+        if let Some(expr) = spec.transform.get(&c.name) {
+            target_columns.push(TargetColumn::expr(&c.name, expr));
+        } else if pos(&c.name).is_some() {
+            target_columns.push(TargetColumn::copy(&c.name));
+        }
+    }
+    let apply_target = ApplyTarget {
+        table: (spec.target.table.schema.clone(), spec.target.table.name.clone()),
+        source_columns: source_columns
+            .iter()
+            .map(|c| SourceColumn { name: c.name.clone(), type_sql: c.type_name.clone(), is_identity: identity_cols.contains(&c.name) })
+            .collect(),
+        target_columns,
+        target_key,
+    };
+    let copy_source = CopySource {
+        table_sql: spec.source.table.quoted(),
+        columns: source_columns.iter().map(|c| quote_ident(&c.name)).collect(),
+        key,
+    };
+    Ok(Prepared { source_oid, source_columns, apply_target, copy_source })
+}
+
+/// Runs `sql` under `lock_timeout`, retrying with backoff when the lock is not granted in
+/// time, so DDL never queues behind a long lock (and never makes others queue behind it).
+pub async fn ddl_with_retries(client: &Client, sql: &str, lock_timeout_ms: u64) -> Result<(), RunError> {
+    let mut wait = Duration::from_millis(200);
+    for attempt in 1..=10 {
+        let r = client
+            .batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; {sql}; COMMIT;"))
+            .await;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                let lock = e.as_db_error().map(|d| d.code().code() == "55P03").unwrap_or(false);
+                if !lock || attempt == 10 {
+                    return Err(pg_err("running DDL", e));
+                }
+                tracing::warn!(attempt, "DDL waited longer than lock_timeout for its lock; retrying in {:?}", wait);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Idempotent set-up: state schema, publication (source table only), slot, target table.
+pub async fn set_up(spec: &Spec, spec_text: &str, src: &Client, tgt: &mut Client) -> Result<(), RunError> {
+    let lt = spec.throttle.lock_timeout_ms;
+    state::ensure_schema(tgt, lt.min(u64::from(u32::MAX)) as u32).await.map_err(|e| state_err("creating the state schema", e))?;
+    ensure_run_state(tgt).await?;
+    state::register_migration(&*tgt, &spec.name, spec_text).await.map_err(|e| state_err("registering the migration", e))?;
+
+    let pubname = spec.publication_name();
+    let have_pub = src
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&pubname])
+        .await
+        .map_err(|e| pg_err("looking up the publication", e))?
+        .is_some();
+    if !have_pub {
+        // The shadow table must never be in it: PostgreSQL 15 cannot filter our own writes out.
+        let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&pubname), spec.source.table.quoted());
+        ddl_with_retries(src, &sql, lt).await?;
+        tracing::info!(publication = %pubname, "created the publication");
+    }
+
+    let slot = spec.slot_name();
+    let have_slot = src
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| pg_err("looking up the slot", e))?
+        .is_some();
+    if !have_slot {
+        let mut repl = ReplicationClient::connect_config(spec.source.url.config())
+            .await
+            .map_err(|e| repl_err("opening a replication connection", e))?;
+        repl.create_logical_slot(&slot, false, SnapshotAction::Nothing)
+            .await
+            .map_err(|e| repl_err("creating the replication slot", e))?;
+        let _ = repl.close().await;
+        tracing::info!(slot = %slot, "created the replication slot");
+    }
+
+    let have_target = catalog::table_oid(&*tgt, &spec.target.table)
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?
+        .is_some();
+    if !have_target {
+        let create = spec.target.create.as_deref().ok_or_else(|| {
+            RunError::Setup(format!("target table {} does not exist and the spec has no [target].create", spec.target.table.quoted()))
+        })?;
+        ddl_with_retries(tgt, create, lt).await?;
+        tgt.execute("UPDATE shadowmig.migrations SET created_target = true WHERE name = $1", &[&spec.name])
+            .await
+            .map_err(|e| pg_err("recording the target's creation", e))?;
+        tracing::info!(table = %spec.target.table.quoted(), "created the target table");
+    }
+    Ok(())
+}
+
+/// Columns and tables `run` needs beyond the apply engine's state tables.
+async fn ensure_run_state(tgt: &Client) -> Result<(), RunError> {
+    tgt.batch_execute(
+        "ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS created_target boolean NOT NULL DEFAULT false;
+         ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS changes_applied bigint NOT NULL DEFAULT 0;
+         ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS caught_up_at timestamptz;
+         CREATE TABLE IF NOT EXISTS shadowmig.reread (
+             migration text NOT NULL,
+             key text[] NOT NULL,
+             PRIMARY KEY (migration, key)
+         );",
+    )
+    .await
+    .map_err(|e| pg_err("extending the state tables", e))
+}
+
+fn hex_key(k: &KeyValue) -> Vec<Option<String>> {
+    k.iter().map(|b| Some(hex::encode(b))).collect()
+}
+
+fn unhex_key(k: &[Option<String>]) -> Option<KeyValue> {
+    k.iter().map(|s| s.as_deref().and_then(|h| hex::decode(h).ok()).map(Bytes::from)).collect()
+}
+
+/// The durable backfill frontier: every source key up to it has been copied.
+#[derive(Debug, Clone, Default)]
+struct CopyState {
+    frontier: Option<KeyValue>,
+    rows_copied: i64,
+    done: bool,
+}
+
+const FRONTIER_ROW: i64 = 0;
+
+async fn read_copy_state(tgt: &Client, migration: &str) -> Result<CopyState, RunError> {
+    let rows = state::read_copy_progress(tgt, migration).await.map_err(|e| state_err("reading copy progress", e))?;
+    let Some(p) = rows.into_iter().find(|p| p.chunk == FRONTIER_ROW) else { return Ok(CopyState::default()) };
+    let frontier = match p.last_key {
+        Some(k) => Some(unhex_key(&k).ok_or_else(|| RunError::Fatal("copy progress holds an unreadable key".into()))?),
+        None => None,
+    };
+    Ok(CopyState { frontier, rows_copied: p.rows_copied, done: p.done })
+}
+
+/// A chunk the backfill read, waiting in the apply loop for its high watermark.
+struct ReadyChunk {
+    job: Job,
+    rows: Vec<TupleData>,
+    snapshot: Snapshot,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What the copier is asked to read. Range ids count up from 1 in key order (the frontier
+/// advances over the contiguous finished prefix); re-read ids live above [`KEYS_ID_BASE`].
+#[derive(Debug, Clone)]
+enum Job {
+    Range { id: u64, lo: Option<KeyValue>, hi: Option<KeyValue> },
+    Keys { id: u64, keys: Vec<KeyValue> },
+}
+
+const KEYS_ID_BASE: u64 = 1 << 40;
+
+impl Job {
+    fn id(&self) -> u64 {
+        match self {
+            Job::Range { id, .. } | Job::Keys { id, .. } => *id,
+        }
+    }
+}
+
+/// Knobs shared with the copier, changed by runtime controls.
+#[derive(Debug)]
+struct Shared {
+    paused: AtomicBool,
+    chunk_rows: AtomicU64,
+    max_lag_bytes: AtomicU64,
+    max_apply_lag_ms: AtomicU64,
+    apply_lag_ms: AtomicU64,
+}
+
+/// Runs the migration until stopped, caught up (with the option), paused, or a fatal error.
+/// Lost connections are retried with backoff and resumed from the state in the target.
+pub async fn run(spec: &Spec, spec_text: &str, opts: &RunOptions, mut shutdown: watch::Receiver<bool>) -> Result<Outcome, RunError> {
+    {
+        let src = catalog::connect(&spec.source.url).await.map_err(|e| RunError::Setup(e.to_string()))?;
+        let mut tgt = catalog::connect(&spec.target.url).await.map_err(|e| RunError::Setup(e.to_string()))?;
+        set_up(spec, spec_text, &src, &mut tgt).await?;
+    }
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_once(spec, opts, &mut shutdown).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(e) if e.retryable() => {
+                if *shutdown.borrow() {
+                    return Ok(Outcome::Stopped);
+                }
+                tracing::warn!("{e}; reconnecting in {:?} and resuming from the last committed batch", backoff);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(Outcome::Stopped),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The writing side of the loop: the batch being built and the one target connection that
+/// applies it.
+struct Applier<'a> {
+    spec: &'a Spec,
+    prepared: &'a Prepared,
+    tgt: Client,
+    writer: ApplyWriter,
+    batch: Vec<SourceChange>,
+    batch_lsn: Option<Lsn>,
+    batch_copy: Option<CopyState>,
+    rereads_done: Vec<KeyValue>,
+    /// Keys the last flush could not apply from the stream (unchanged TOAST for rows the
+    /// target lacks); recorded durably in the same transaction, to be re-read as a chunk.
+    new_rereads: Vec<KeyValue>,
+    applied: u64,
+}
+
+impl Applier<'_> {
+    fn push(&mut self, lsn: Lsn, change: Change) {
+        self.batch.push(SourceChange { lsn, change });
+        self.batch_lsn = Some(lsn);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batch_lsn.is_none()
+    }
+
+    /// Applies the batch in one target transaction with its progress, copy frontier and
+    /// re-read bookkeeping, then confirms its LSN to the slot.
+    async fn flush(&mut self, stream: &crate::replication::LogicalStream) -> Result<(), RunError> {
+        let Some(lsn) = self.batch_lsn else { return Ok(()) };
+        let name = &self.spec.name;
+        let tx = self.tgt.transaction().await.map_err(|e| pg_err("starting a batch", e))?;
+        let stats = self.writer.write_batch(&tx, &self.batch, lsn).await.map_err(|e| apply_err("applying a batch", e))?;
+        if let Some(c) = self.batch_copy.as_ref() {
+            let p = ChunkProgress { chunk: FRONTIER_ROW, last_key: c.frontier.as_ref().map(hex_key), rows_copied: c.rows_copied, done: c.done };
+            state::write_copy_progress(&tx, name, &p).await.map_err(|e| state_err("writing copy progress", e))?;
+        }
+        for k in &self.rereads_done {
+            tx.execute("DELETE FROM shadowmig.reread WHERE migration = $1 AND key = $2", &[name, &hex_key(k)])
+                .await
+                .map_err(|e| pg_err("clearing a re-read", e))?;
+        }
+        let mut rereads = Vec::new();
+        for t in &stats.needs_reread {
+            let k = key_of(self.prepared, t)?;
+            tx.execute("INSERT INTO shadowmig.reread (migration, key) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[name, &hex_key(&k)])
+                .await
+                .map_err(|e| pg_err("recording a re-read", e))?;
+            rereads.push(k);
+        }
+        let n = self.batch.len() as i64;
+        tx.execute("UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1", &[name, &n])
+            .await
+            .map_err(|e| pg_err("counting applied changes", e))?;
+        tx.commit().await.map_err(|e| pg_err("committing a batch", e))?;
+        stream.confirm(lsn);
+        self.applied += n as u64;
+        self.batch.clear();
+        self.batch_lsn = None;
+        self.batch_copy = None;
+        self.rereads_done.clear();
+        self.new_rereads.extend(rereads);
+        Ok(())
+    }
+}
+
+/// One connected stretch of the migration: from the committed state to an outcome or error.
+async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver<bool>) -> Result<Outcome, RunError> {
+    let src = catalog::connect(&spec.source.url).await.map_err(|e| RunError::Connection(e.to_string()))?;
+    let tgt = catalog::connect(&spec.target.url).await.map_err(|e| RunError::Connection(e.to_string()))?;
+    let prepared = prepare(spec, &src, &tgt).await?;
+    let progress = ProgressKey { migration: spec.name.clone(), direction: Direction::Forward };
+    let writer = ApplyWriter::new(prepared.apply_target.clone(), progress).map_err(|e| RunError::Setup(e.to_string()))?;
+    let committed = writer.committed_lsn(&tgt).await.map_err(|e| apply_err("reading progress", e))?;
+    let mut copy_state = read_copy_state(&tgt, &spec.name).await?;
+    let pending_rereads: Vec<KeyValue> = tgt
+        .query("SELECT key FROM shadowmig.reread WHERE migration = $1", &[&spec.name])
+        .await
+        .map_err(|e| pg_err("reading pending re-reads", e))?
+        .iter()
+        .filter_map(|r| r.try_get::<_, Vec<Option<String>>>(0).ok().and_then(|k| unhex_key(&k)))
+        .collect();
+    let control = catalog::connect(&spec.target.url).await.map_err(|e| RunError::Connection(e.to_string()))?;
+
+    let mut repl = ReplicationClient::connect_config(spec.source.url.config())
+        .await
+        .map_err(|e| repl_err("opening the replication connection", e))?;
+    let options = PgOutputOptions::new(1).publication(&spec.publication_name()).binary(true).messages(true);
+    let mut stream = repl
+        .start_logical(&spec.slot_name(), committed.unwrap_or(Lsn::ZERO), &options, StreamConfig::default())
+        .await
+        .map_err(|e| repl_err("starting replication", e))?;
+    tracing::info!(from = %committed.unwrap_or(Lsn::ZERO), rows_copied = copy_state.rows_copied, copy_done = copy_state.done, "streaming changes");
+
+    // Per-process epoch: watermarks left in the WAL by an earlier process are ignored.
+    let epoch: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let shared = Arc::new(Shared {
+        paused: AtomicBool::new(false),
+        chunk_rows: AtomicU64::new(spec.copy.chunk_rows),
+        max_lag_bytes: AtomicU64::new(spec.throttle.max_lag_bytes),
+        max_apply_lag_ms: AtomicU64::new(spec.throttle.max_apply_lag_ms),
+        apply_lag_ms: AtomicU64::new(0),
+    });
+    let (chunk_tx, mut chunk_rx) = mpsc::channel::<ReadyChunk>(64);
+    let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
+    let _copier = AbortOnDrop(tokio::spawn(copier(
+        spec.clone(),
+        prepared.copy_source.clone(),
+        epoch,
+        copy_state.frontier.clone(),
+        copy_state.done,
+        shared.clone(),
+        chunk_tx,
+        job_rx,
+        job_tx.clone(),
+    )));
+    let mut next_keys_id = KEYS_ID_BASE;
+    let mut pending_keys: BTreeSet<u64> = BTreeSet::new();
+    if !pending_rereads.is_empty() {
+        next_keys_id += 1;
+        pending_keys.insert(next_keys_id);
+        let _ = job_tx.send(Job::Keys { id: next_keys_id, keys: pending_rereads });
+    }
+
+    let mut ap = Applier {
+        spec,
+        prepared: &prepared,
+        tgt,
+        writer,
+        batch: Vec::new(),
+        batch_lsn: None,
+        batch_copy: None,
+        rereads_done: Vec::new(),
+        new_rereads: Vec::new(),
+        applied: 0,
+    };
+    let mut decoder = Decoder::new(1);
+    let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
+    let mut ready: HashMap<u64, ReadyChunk> = HashMap::new();
+    let mut done_ranges: HashMap<u64, Option<KeyValue>> = HashMap::new();
+    let mut next_frontier_id: u64 = 1;
+    let mut txn: Option<Txn> = None;
+    let mut last_end = committed.unwrap_or(Lsn::ZERO);
+    let mut oldest_unapplied: Option<Instant> = None;
+    let mut sync_sent: Option<u64> = None;
+    let mut sync_seq: u64 = 0;
+    let mut last_report = Instant::now();
+    let mut control_check = Instant::now();
+    let started = Instant::now();
+    let mut caught_up_logged = false;
+
+    loop {
+        if *shutdown.borrow() {
+            // Finish the current batch (complete transactions only), commit, confirm, exit.
+            ap.flush(&stream).await?;
+            let _ = stream.send_status_now().await;
+            let _ = stream.shutdown().await;
+            return Ok(Outcome::Stopped);
+        }
+        if control_check.elapsed() > Duration::from_millis(500) {
+            control_check = Instant::now();
+            read_controls(&control, &spec.name, &shared).await;
+            let lag = oldest_unapplied.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+            shared.apply_lag_ms.store(lag, Ordering::Relaxed);
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            last_report = Instant::now();
+            tracing::info!(
+                rows_copied = copy_state.rows_copied,
+                copy_done = copy_state.done,
+                changes_applied = ap.applied,
+                position = %last_end,
+                "progress"
+            );
+        }
+        for k in std::mem::take(&mut ap.new_rereads).chunks(1000) {
+            next_keys_id += 1;
+            pending_keys.insert(next_keys_id);
+            let _ = job_tx.send(Job::Keys { id: next_keys_id, keys: k.to_vec() });
+        }
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.changed() => continue,
+            c = chunk_rx.recv() => {
+                if let Some(c) = c { ready.insert(c.job.id(), c); }
+                continue;
+            }
+            e = tokio::time::timeout(opts.batch_idle, stream.next()) => e,
+        };
+        let event = match event {
+            Err(_) => {
+                // A quiet stream: apply what is complete; once the backfill is done, ask the
+                // stream (with a marker) whether everything up to now has been applied.
+                if txn.is_none() && !ap.is_empty() {
+                    ap.flush(&stream).await?;
+                    oldest_unapplied = None;
+                }
+                if copy_state.done && txn.is_none() && ap.is_empty() && sync_sent.is_none() && ready.is_empty() && pending_keys.is_empty() {
+                    sync_seq += 1;
+                    emit_watermark(&src, MESSAGE_PREFIX, &format!("sync:{}:{epoch}:{sync_seq}", spec.name))
+                        .await
+                        .map_err(|e| copy_err("emitting a sync marker", e))?;
+                    sync_sent = Some(sync_seq);
+                }
+                continue;
+            }
+            Ok(None) => return Err(RunError::Connection("the replication stream ended".into())),
+            Ok(Some(Err(e))) => return Err(repl_err("reading the stream", e)),
+            Ok(Some(Ok(ev))) => ev,
+        };
+        let ReplicationEvent::XLogData { data, .. } = event else { continue };
+        let msg = decoder.decode(&data).map_err(|e| RunError::Fatal(format!("decoding the change stream: {e}")))?;
+        match msg {
+            LogicalMessage::Begin { xid, .. } => {
+                txn = Some(Txn { xid, changes: Vec::new(), keys: Vec::new() });
+            }
+            LogicalMessage::Relation { body, .. } if body.oid == prepared.source_oid => {
+                if let Some(why) = shape_changed(&body, &prepared.source_columns) {
+                    ap.flush(&stream).await?;
+                    let msg = format!(
+                        "the source table {} changed shape mid-migration ({why}); shadowmig paused at LSN {last_end} and applied nothing after it. \
+                         Make the target table and the spec's [transform] fit the new shape, then run `shadowmig run` again to go on — \
+                         or `shadowmig abort` to undo the migration",
+                        spec.source.table.quoted()
+                    );
+                    return pause(&ap.tgt, spec, msg, stream).await;
+                }
+            }
+            LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
+                if let Some(t) = txn.as_mut() {
+                    t.keys.push(key_of(&prepared, &new)?);
+                    t.changes.push(Change::Upsert { new });
+                }
+            }
+            LogicalMessage::Update { relation, old, new, .. } if relation == prepared.source_oid => {
+                if let Some(t) = txn.as_mut() {
+                    t.keys.push(key_of(&prepared, &new)?);
+                    match old {
+                        Some((old_kind, old)) => {
+                            t.keys.push(key_of(&prepared, &old)?);
+                            t.changes.push(Change::KeyChange { old, old_kind, new });
+                        }
+                        None => t.changes.push(Change::Upsert { new }),
+                    }
+                }
+            }
+            LogicalMessage::Delete { relation, old: (_, old), .. } if relation == prepared.source_oid => {
+                if let Some(t) = txn.as_mut() {
+                    t.keys.push(key_of(&prepared, &old)?);
+                    t.changes.push(Change::Delete { old });
+                }
+            }
+            LogicalMessage::Truncate { relations, .. } if relations.contains(&prepared.source_oid) => {
+                ap.flush(&stream).await?;
+                let msg = format!(
+                    "the source table {} was TRUNCATEd mid-migration; shadowmig paused at LSN {last_end} without applying it (the shadow table still holds the old rows). \
+                     The backfill must start over: run `shadowmig abort` and then `shadowmig run` again",
+                    spec.source.table.quoted()
+                );
+                return pause(&ap.tgt, spec, msg, stream).await;
+            }
+            LogicalMessage::Commit { end_lsn, .. } => {
+                let Some(t) = txn.take() else { continue };
+                last_end = end_lsn;
+                tracker.on_commit(t.xid, t.keys);
+                if committed.is_some_and(|c| end_lsn <= c) || t.changes.is_empty() {
+                    continue;
+                }
+                oldest_unapplied.get_or_insert_with(Instant::now);
+                for change in t.changes {
+                    ap.push(end_lsn, change);
+                }
+                if ap.batch.len() >= opts.batch_changes {
+                    ap.flush(&stream).await?;
+                    oldest_unapplied = None;
+                }
+            }
+            LogicalMessage::Message { prefix, content, .. } if prefix == MESSAGE_PREFIX => {
+                let text = String::from_utf8_lossy(&content).into_owned();
+                let Some((kind, id)) = parse_marker(&text, &spec.name, epoch) else { continue };
+                match kind {
+                    "lw" => tracker.on_low(id),
+                    "hw" => {
+                        // The copier sends a chunk's rows before it emits its hw.
+                        while !ready.contains_key(&id) {
+                            match chunk_rx.recv().await {
+                                Some(c) => {
+                                    ready.insert(c.job.id(), c);
+                                }
+                                None => return Err(RunError::Connection("the backfill stopped".into())),
+                            }
+                        }
+                        let Some(chunk) = ready.remove(&id) else { continue };
+                        match tracker.on_high(id, &chunk.snapshot) {
+                            HighOutcome::Retry { xid } => {
+                                tracing::info!(chunk = id, xid, "a transaction that committed just before the chunk's low watermark was invisible to its snapshot: reading the chunk again");
+                                let _ = job_tx.send(chunk.job);
+                            }
+                            HighOutcome::Unknown => {}
+                            HighOutcome::Apply { touched } => {
+                                let lsn = ap.batch_lsn.unwrap_or(last_end);
+                                let mut n = 0i64;
+                                for row in chunk.rows {
+                                    let k = prepared.copy_source.key_of(&row).map_err(|e| RunError::Fatal(e.to_string()))?;
+                                    if !touched.contains(&k) {
+                                        ap.push(lsn, Change::Upsert { new: row });
+                                        n += 1;
+                                    }
+                                }
+                                ap.batch_lsn = Some(lsn);
+                                match chunk.job {
+                                    Job::Keys { id, keys } => {
+                                        pending_keys.remove(&id);
+                                        ap.rereads_done.extend(keys);
+                                    }
+                                    Job::Range { id, hi, .. } => {
+                                        copy_state.rows_copied += n;
+                                        done_ranges.insert(id, hi);
+                                        while let Some(hi) = done_ranges.remove(&next_frontier_id) {
+                                            match hi {
+                                                Some(hi) => copy_state.frontier = Some(hi),
+                                                None => copy_state.done = true,
+                                            }
+                                            next_frontier_id += 1;
+                                        }
+                                        ap.batch_copy = Some(copy_state.clone());
+                                        if copy_state.done {
+                                            tracing::info!(rows = copy_state.rows_copied, "backfill done");
+                                        }
+                                    }
+                                }
+                                if ap.batch.len() >= opts.batch_changes {
+                                    ap.flush(&stream).await?;
+                                    oldest_unapplied = None;
+                                }
+                            }
+                        }
+                    }
+                    "sync" if sync_sent == Some(id) => {
+                        sync_sent = None;
+                        if txn.is_none() && !ap.is_empty() {
+                            ap.flush(&stream).await?;
+                            oldest_unapplied = None;
+                        }
+                        let idle = ap.is_empty() && ready.is_empty() && pending_keys.is_empty() && ap.new_rereads.is_empty();
+                        if copy_state.done && idle {
+                            if !caught_up_logged {
+                                caught_up_logged = true;
+                                tracing::info!(elapsed = ?started.elapsed(), rows_copied = copy_state.rows_copied, "caught up: backfill done and every change so far applied");
+                                let _ = ap.tgt.execute("UPDATE shadowmig.migrations SET caught_up_at = now() WHERE name = $1", &[&spec.name]).await;
+                            }
+                            if opts.exit_when_caught_up {
+                                let _ = stream.send_status_now().await;
+                                let _ = stream.shutdown().await;
+                                return Ok(Outcome::CaughtUp);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+struct Txn {
+    xid: u32,
+    changes: Vec<Change>,
+    keys: Vec<KeyValue>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The identity key of a tuple (new row, or `K`/`O` old tuple), as binary values.
+fn key_of(p: &Prepared, t: &TupleData) -> Result<KeyValue, RunError> {
+    p.copy_source
+        .key
+        .iter()
+        .map(|&i| match t.0.get(i) {
+            Some(TupleValue::Binary(b)) | Some(TupleValue::Text(b)) => Ok(b.clone()),
+            _ => Err(RunError::Fatal(format!(
+                "a change lacks the value of key column {}: the replica identity must cover the backfill key",
+                p.source_columns.get(i).map(|c| c.name.as_str()).unwrap_or("?")
+            ))),
+        })
+        .collect()
+}
+
+fn parse_marker<'a>(text: &'a str, migration: &str, epoch: u64) -> Option<(&'a str, u64)> {
+    let mut parts = text.splitn(4, ':');
+    let kind = parts.next()?;
+    let mig = parts.next()?;
+    let ep: u64 = parts.next()?.parse().ok()?;
+    let id: u64 = parts.next()?.parse().ok()?;
+    (mig == migration && ep == epoch).then_some((kind, id))
+}
+
+/// Why a `Relation` message no longer matches the shape `run` prepared for, if it does not.
+fn shape_changed(body: &RelationBody, expected: &[catalog::Column]) -> Option<String> {
+    let got: Vec<(&str, u32)> = body.columns.iter().map(|c| (c.name.as_str(), c.type_oid)).collect();
+    let want: Vec<(&str, u32)> = expected.iter().map(|c| (c.name.as_str(), c.type_oid)).collect();
+    if got == want {
+        return None;
+    }
+    let names = |v: &[(&str, u32)]| v.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+    Some(format!("columns were [{}], now [{}]", names(&want), names(&got)))
+}
+
+async fn pause(tgt: &Client, spec: &Spec, msg: String, stream: crate::replication::LogicalStream) -> Result<Outcome, RunError> {
+    let _ = state::set_last_error(tgt, &spec.name, Some(&msg)).await;
+    let _ = state::set_stage(tgt, &spec.name, "paused").await;
+    let _ = stream.send_status_now().await;
+    let _ = stream.shutdown().await;
+    Ok(Outcome::Paused(msg))
+}
+
+async fn read_controls(c: &Client, name: &str, shared: &Shared) {
+    let Ok(Some(m)) = state::read_migration(c, name).await else { return };
+    shared.paused.store(m.paused, Ordering::Relaxed);
+    if let Some(v) = m.chunk_rows.filter(|v| *v > 0) {
+        shared.chunk_rows.store(v as u64, Ordering::Relaxed);
+    }
+    if let Some(v) = m.max_lag_bytes.filter(|v| *v > 0) {
+        shared.max_lag_bytes.store(v as u64, Ordering::Relaxed);
+    }
+    if let Some(v) = m.max_apply_lag_ms.filter(|v| *v > 0) {
+        shared.max_apply_lag_ms.store(v as u64, Ordering::Relaxed);
+    }
+}
+
+/// The backfill: plans key ranges in order and reads them with `workers` connections, each
+/// chunk between a low and a high watermark; also serves re-reads of single keys.
+#[allow(clippy::too_many_arguments)]
+async fn copier(
+    spec: Spec,
+    source: CopySource,
+    epoch: u64,
+    frontier: Option<KeyValue>,
+    done: bool,
+    shared: Arc<Shared>,
+    chunk_tx: mpsc::Sender<ReadyChunk>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    job_tx: mpsc::UnboundedSender<Job>,
+) {
+    let workers = spec.copy.workers.max(1) as usize;
+    let permits = Arc::new(Semaphore::new(workers));
+    let planner_client = match catalog::connect(&spec.source.url).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("backfill: cannot connect to the source: {e}");
+            return;
+        }
+    };
+    let mut lo = frontier;
+    let mut planned_all = done;
+    let mut next_id: u64 = 1;
+    let mut worker_clients = Vec::new();
+    for _ in 0..workers {
+        match catalog::connect(&spec.source.url).await {
+            Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
+            Err(e) => {
+                tracing::error!("backfill: cannot connect to the source: {e}");
+                return;
+            }
+        }
+    }
+    let mut rr = 0usize;
+    let mut throttled = false;
+    loop {
+        // Re-reads and retries first: they hold up nothing else but are small.
+        let job = match jobs.try_recv() {
+            Ok(j) => Some(j),
+            Err(_) if planned_all => match jobs.recv().await {
+                Some(j) => Some(j),
+                None => return,
+            },
+            Err(_) => None,
+        };
+        let job = match job {
+            Some(j) => j,
+            None => {
+                if let Some(why) = throttle_reason(&planner_client, &spec, &shared).await {
+                    if !throttled {
+                        tracing::info!("backfill throttled: {why}");
+                        throttled = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                if throttled {
+                    tracing::info!("backfill resumed");
+                    throttled = false;
+                }
+                let n = shared.chunk_rows.load(Ordering::Relaxed).max(1) as i64;
+                let hi = match source.boundary_after(&planner_client, lo.as_ref(), n).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::error!("backfill: finding a chunk boundary: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let id = next_id;
+                next_id += 1;
+                if hi.is_none() {
+                    planned_all = true;
+                }
+                let job = Job::Range { id, lo: lo.clone(), hi: hi.clone() };
+                lo = hi;
+                job
+            }
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let client = worker_clients[rr % workers].clone();
+        rr += 1;
+        let source = source.clone();
+        let chunk_tx = chunk_tx.clone();
+        let name = spec.name.clone();
+        let job_tx = job_tx.clone();
+        tokio::spawn(async move {
+            let mut c = client.lock().await;
+            if let Err(e) = read_job(&mut c, &source, &name, epoch, job.clone(), permit, &chunk_tx).await {
+                tracing::warn!("backfill: {e}; retrying the chunk");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = job_tx.send(job);
+            }
+        });
+    }
+}
+
+async fn read_job(
+    client: &mut Client,
+    source: &CopySource,
+    name: &str,
+    epoch: u64,
+    job: Job,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    chunk_tx: &mpsc::Sender<ReadyChunk>,
+) -> Result<(), crate::copy::CopyError> {
+    let id = job.id();
+    emit_watermark(client, MESSAGE_PREFIX, &format!("lw:{name}:{epoch}:{id}")).await?;
+    let chunk = match &job {
+        Job::Range { lo, hi, .. } => source.read_chunk(client, lo.as_ref(), hi.as_ref(), None).await?,
+        Job::Keys { keys, .. } => source.read_keys(client, keys).await?,
+    };
+    let ready = ReadyChunk { job, rows: chunk.rows, snapshot: chunk.snapshot, _permit: permit };
+    if chunk_tx.send(ready).await.is_err() {
+        return Ok(());
+    }
+    emit_watermark(client, MESSAGE_PREFIX, &format!("hw:{name}:{epoch}:{id}")).await?;
+    Ok(())
+}
+
+/// Why the backfill should wait now, if it should: paused by the operator, the slot holding
+/// too much WAL, apply lagging, or physical standbys lagging.
+async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<String> {
+    if shared.paused.load(Ordering::Relaxed) {
+        return Some("paused by the operator (shadowmig resume SPEC to go on)".into());
+    }
+    let apply_lag = shared.apply_lag_ms.load(Ordering::Relaxed);
+    let max_apply = shared.max_apply_lag_ms.load(Ordering::Relaxed);
+    if apply_lag > max_apply {
+        return Some(format!("apply lags {apply_lag} ms (limit {max_apply} ms)"));
+    }
+    let row = src
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, \
+                    (SELECT max(pg_current_wal_lsn() - replay_lsn)::int8 FROM pg_stat_replication WHERE replay_lsn IS NOT NULL) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&spec.slot_name()],
+        )
+        .await
+        .ok()
+        .flatten()?;
+    let held: Option<i64> = row.try_get(0).ok().flatten();
+    let max_lag = shared.max_lag_bytes.load(Ordering::Relaxed);
+    if let Some(h) = held {
+        if h as u64 > max_lag {
+            return Some(format!("the slot holds {h} bytes of WAL (limit {max_lag})"));
+        }
+    }
+    let replica: Option<i64> = row.try_get(1).ok().flatten();
+    if let (Some(r), Some(limit)) = (replica, spec.throttle.max_replica_lag_bytes) {
+        if r as u64 > limit {
+            return Some(format!("a standby's replay lags {r} bytes (limit {limit})"));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_of_other_migrations_and_epochs_are_ignored() {
+        assert_eq!(parse_marker("lw:m:7:3", "m", 7), Some(("lw", 3)));
+        assert_eq!(parse_marker("hw:m:7:12", "m", 7), Some(("hw", 12)));
+        assert_eq!(parse_marker("hw:m:8:12", "m", 7), None);
+        assert_eq!(parse_marker("hw:other:7:12", "m", 7), None);
+        assert_eq!(parse_marker("garbage", "m", 7), None);
+        assert_eq!(parse_marker("hw:m:7:x", "m", 7), None);
+    }
+
+    #[test]
+    fn hex_keys_round_trip() {
+        let k: KeyValue = vec![Bytes::from_static(b"\x00\x01"), Bytes::from_static(b"")];
+        assert_eq!(unhex_key(&hex_key(&k)), Some(k));
+        assert_eq!(unhex_key(&[Some("zz".into())]), None);
+        assert_eq!(unhex_key(&[None]), None);
+    }
+}
