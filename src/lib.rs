@@ -2,13 +2,15 @@
 //! column shapes — with no downtime and no data loss. See `ARCHITECTURE.md` for the design.
 //!
 //! Module floors (imports point down, never up):
-//! - ground: [`lsn`], [`pgoutput`], [`testpg`]
-//! - engines: [`replication`]
+//! - ground: [`lsn`], [`pgoutput`], [`state`], [`testpg`]
+//! - engines: [`apply`], [`replication`]
 //! - top: [`cli`]
 #![warn(missing_docs)]
 
+pub mod apply;
 pub mod cli;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
+pub mod state;
 pub mod testpg;
