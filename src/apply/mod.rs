@@ -15,6 +15,8 @@ pub mod writer;
 pub use coalesce::{coalesce, Change, CoalesceError, Coalesced, SourceChange};
 pub use writer::{ApplyStats, ApplyWriter};
 
+use crate::lsn::Lsn;
+
 /// One column of the source table, in the source's attribute order (as in the `Relation`
 /// message, so that tuple column `i` is `source_columns[i]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,5 +113,18 @@ pub enum ApplyError {
 impl ApplyError {
     pub(crate) fn db(during: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
         move |source| ApplyError::Db { during, source }
+    }
+}
+
+/// The changes of `changes` (in stream order) not yet applied, given the committed progress
+/// LSN: those whose commit LSN is above it. A batch is applied as a whole with its last commit
+/// LSN, so every change at or below the committed LSN is already in the target.
+pub fn unapplied(changes: &[SourceChange], committed: Option<Lsn>) -> &[SourceChange] {
+    match committed {
+        None => changes,
+        Some(done) => {
+            let first = changes.partition_point(|c| c.lsn <= done);
+            &changes[first..]
+        }
     }
 }
