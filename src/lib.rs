@@ -2,11 +2,14 @@
 //! column shapes — with no downtime and no data loss. See `ARCHITECTURE.md` for the design.
 //!
 //! Module floors (imports point down, never up):
-//! - ground: [`lsn`], [`pgoutput`], [`spec`], [`catalog`], [`testpg`]
-//! - engines: [`replication`], [`plan`]
-//! - top: [`cli`]
-#![warn(missing_docs)]
 
+#![warn(missing_docs)]
+//! - engines: [`apply`], [`replication`]
+//! - engines: [`replication`], [`plan`]
+//! - ground: [`lsn`], [`pgoutput`], [`spec`], [`catalog`], [`testpg`]
+//! - ground: [`lsn`], [`pgoutput`], [`state`], [`testpg`]
+//! - top: [`cli`]
+pub mod apply;
 pub mod catalog;
 pub mod cli;
 pub mod copy;
@@ -16,5 +19,6 @@ pub mod plan;
 pub mod raw;
 pub mod replication;
 pub mod spec;
+pub mod state;
 pub mod tail;
 pub mod testpg;
