@@ -49,7 +49,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
         if buf.len() >= 5 {
             let tag = buf[0];
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if len < 4 || len > MAX_FRAME {
+            if !(4..=MAX_FRAME).contains(&len) {
                 return Err(ReplicationError::Protocol(format!(
                     "message {:?} with impossible length {len}",
                     tag as char
@@ -500,7 +500,7 @@ impl ReplicationClient {
         Ok(())
     }
 
-    fn need_password<'p>(password: Option<&'p [u8]>) -> Result<&'p [u8], ReplicationError> {
+    fn need_password(password: Option<&[u8]>) -> Result<&[u8], ReplicationError> {
         password.ok_or_else(|| {
             ReplicationError::Auth("the server asks for a password and none was given".into())
         })

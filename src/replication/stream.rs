@@ -460,9 +460,7 @@ impl LogicalStream {
         rx.await.map_err(|_| ReplicationError::Closed)??;
         let drained = tokio::time::timeout(SHUTDOWN_WAIT, async {
             while let Some(ev) = self.rx.recv().await {
-                if let Err(e) = ev {
-                    return Err(e);
-                }
+                ev?;
             }
             Ok(())
         })
