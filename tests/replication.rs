@@ -236,6 +236,20 @@ async fn identify_system_and_plain_sql() {
     assert_eq!(e.sqlstate(), Some("42P01"));
     assert_eq!(cl.simple_query("SELECT 1").await.unwrap().len(), 1);
     cl.close().await.unwrap();
+
+    // The same over the Unix socket (a host that is a directory).
+    let mut cl = ReplicationClient::connect(&format!(
+        "host={} port={} user=postgres dbname={db}",
+        c.root().display(),
+        c.port()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        cl.identify_system().await.unwrap().dbname.as_deref(),
+        Some(db.as_str())
+    );
+    cl.close().await.unwrap();
 }
 
 #[tokio::test]
@@ -390,7 +404,12 @@ async fn stream_delivers_begin_relation_insert_commit_and_options() {
     s.confirm(last_commit);
     s.send_status_now().await.unwrap();
     assert_eq!(s.status().reported_flush, last_commit);
+    let t = Instant::now();
     s.shutdown().await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "clean shutdown is quick"
+    );
 
     // Every option at once (proto 2, binary, messages, streaming) is accepted, and messages
     // arrive.
@@ -541,6 +560,9 @@ async fn idle_slot_advances_only_when_everything_is_confirmed() {
     )
     .unwrap();
     let ka = drain_keepalives(&mut s, Duration::from_secs(2)).await;
+    // Nothing confirmed yet: the updates sent (0/0) left the slot where it was.
+    assert!(s.status().updates_sent > 0);
+    assert_eq!(slot_confirmed(c, &db, "repl_idle"), slot.consistent_point);
     assert!(
         ka > commit,
         "a keepalive beyond the commit arrived: {ka} vs {commit}"
