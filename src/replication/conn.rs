@@ -40,31 +40,40 @@ pub(crate) struct Frame {
     pub(crate) body: Bytes,
 }
 
-/// Reads one backend message. The body is split off `buf` without copying.
+/// Splits one complete backend message off `buf` without copying, if one is there.
+pub(crate) fn try_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplicationError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if !(4..=MAX_FRAME).contains(&len) {
+        return Err(ReplicationError::Protocol(format!(
+            "message {:?} with impossible length {len}",
+            tag as char
+        )));
+    }
+    let total = 1 + len;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(total);
+    frame.advance(5);
+    Ok(Some(Frame {
+        tag,
+        body: frame.freeze(),
+    }))
+}
+
+/// Reads one backend message, waiting for the socket when `buf` holds no complete one.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Frame, ReplicationError> {
     loop {
-        if buf.len() >= 5 {
-            let tag = buf[0];
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if !(4..=MAX_FRAME).contains(&len) {
-                return Err(ReplicationError::Protocol(format!(
-                    "message {:?} with impossible length {len}",
-                    tag as char
-                )));
-            }
-            let total = 1 + len;
-            if buf.len() >= total {
-                let mut frame = buf.split_to(total);
-                frame.advance(5);
-                return Ok(Frame {
-                    tag,
-                    body: frame.freeze(),
-                });
-            }
-            buf.reserve(total - buf.len());
+        if let Some(f) = try_frame(buf)? {
+            return Ok(f);
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);

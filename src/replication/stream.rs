@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,15 +18,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
-use super::conn::{parse_error, quote_ident, quote_literal, read_frame, BoxIo, Cursor};
+use super::conn::{
+    parse_error, quote_ident, quote_literal, read_frame, try_frame, BoxIo, Cursor, Frame,
+};
 use super::ReplicationError;
 use crate::lsn::Lsn;
 
 /// How long [`LogicalStream::shutdown`] waits for the server to end the COPY.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// Most events handed to the consumer in one batch.
+const MAX_BATCH: usize = 256;
+/// Largest channel capacity (tokio's semaphore has a permit limit).
+const MAX_CAPACITY: usize = 1 << 24;
 /// Seconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01 (UTC).
 const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
 
@@ -45,7 +51,8 @@ pub enum ReplicationEvent {
         data: Bytes,
     },
     /// A primary keepalive (`k`). Informational: the stream answers it by itself. When the
-    /// channel is full, keepalives are dropped rather than queued (they carry no change).
+    /// queue is full, keepalives that arrive on their own are dropped rather than waited for
+    /// (they carry no change).
     Keepalive {
         /// The last WAL position the server has sent or skipped.
         wal_end: Lsn,
@@ -253,6 +260,8 @@ struct Shared {
     reported: AtomicU64,
     /// Standby status updates sent.
     updates_sent: AtomicU64,
+    /// Events read and not yet taken by the consumer.
+    queued: AtomicUsize,
     progress: Mutex<Progress>,
 }
 
@@ -350,9 +359,10 @@ impl ConfirmHandle {
 
 /// A logical replication stream: a [`futures_util::Stream`] of [`ReplicationEvent`]s.
 ///
-/// **Backpressure.** A reader task reads the socket and pushes events into a channel of
-/// [`StreamConfig::channel_capacity`]; when it is full the reader waits, stops reading the
-/// socket, and the server's sends block on TCP. Status updates come from a separate writer
+/// **Backpressure.** A reader task reads the socket and queues events, at most
+/// [`StreamConfig::channel_capacity`] of them (in batches of the messages already buffered, so
+/// the hot path pays one hand-over per batch, not per message); when the queue is full the
+/// reader waits, stops reading the socket, and the server's sends block on TCP. Status updates come from a separate writer
 /// task, so they keep flowing (and the server's `wal_sender_timeout` stays satisfied) while the
 /// consumer is slow.
 ///
@@ -382,7 +392,11 @@ impl ConfirmHandle {
 /// `None`.
 #[derive(Debug)]
 pub struct LogicalStream {
-    rx: mpsc::Receiver<Result<ReplicationEvent, ReplicationError>>,
+    rx: mpsc::UnboundedReceiver<Result<Vec<ReplicationEvent>, ReplicationError>>,
+    /// The batch being handed out, and how many permits it holds.
+    batch: std::vec::IntoIter<ReplicationEvent>,
+    batch_permits: usize,
+    permits: Arc<Semaphore>,
     handle: ConfirmHandle,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -401,11 +415,22 @@ impl LogicalStream {
         let (rd, wr) = tokio::io::split(io);
         let shared = Arc::new(Shared::default());
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (ev_tx, ev_rx) = mpsc::channel(cfg.channel_capacity.max(1));
-        let reader = tokio::spawn(reader_task(rd, rbuf, ev_tx, cmd_tx.clone(), shared.clone()));
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let capacity = cfg.channel_capacity.clamp(1, MAX_CAPACITY);
+        let permits = Arc::new(Semaphore::new(capacity));
+        let queue = Queue {
+            tx: ev_tx,
+            permits: permits.clone(),
+            capacity,
+            shared: shared.clone(),
+        };
+        let reader = tokio::spawn(reader_task(rd, rbuf, queue, cmd_tx.clone(), shared.clone()));
         let writer = tokio::spawn(writer_task(wr, cmd_rx, shared.clone(), cfg.status_interval));
         LogicalStream {
             rx: ev_rx,
+            batch: Vec::new().into_iter(),
+            batch_permits: 0,
+            permits,
             handle: ConfirmHandle {
                 shared,
                 cmd: cmd_tx,
@@ -438,9 +463,10 @@ impl LogicalStream {
         self.handle.status()
     }
 
-    /// Events waiting in the channel (at most [`StreamConfig::channel_capacity`]).
+    /// Events read from the socket and not yet taken by the consumer (at most
+    /// [`StreamConfig::channel_capacity`]).
     pub fn queued(&self) -> usize {
-        self.rx.len()
+        self.handle.shared.queued.load(Ordering::Acquire)
     }
 
     /// The LSN `START_REPLICATION` was asked to start at.
@@ -459,7 +485,7 @@ impl LogicalStream {
             .map_err(|_| ReplicationError::Closed)?;
         rx.await.map_err(|_| ReplicationError::Closed)??;
         let drained = tokio::time::timeout(SHUTDOWN_WAIT, async {
-            while let Some(ev) = self.rx.recv().await {
+            while let Some(ev) = futures_util::StreamExt::next(&mut self).await {
                 ev?;
             }
             Ok(())
@@ -490,7 +516,27 @@ impl futures_util::Stream for LogicalStream {
     type Item = Result<ReplicationEvent, ReplicationError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        let this = &mut *self;
+        loop {
+            if let Some(ev) = this.batch.next() {
+                this.handle.shared.queued.fetch_sub(1, Ordering::AcqRel);
+                return Poll::Ready(Some(Ok(ev)));
+            }
+            // The batch is used up: give its room back to the reader.
+            if this.batch_permits > 0 {
+                this.permits.add_permits(this.batch_permits);
+                this.batch_permits = 0;
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(batch))) => {
+                    this.batch_permits = batch.len();
+                    this.batch = batch.into_iter();
+                }
+            }
+        }
     }
 }
 
@@ -502,91 +548,154 @@ fn pg_now() -> i64 {
     secs * 1_000_000 + i64::from(now.subsec_micros())
 }
 
-async fn reader_task<R: AsyncRead + Unpin>(
-    mut rd: R,
-    mut buf: BytesMut,
-    tx: mpsc::Sender<Result<ReplicationEvent, ReplicationError>>,
-    cmd: mpsc::UnboundedSender<Cmd>,
-    shared: Arc<Shared>,
-) {
-    loop {
-        let frame = match read_frame(&mut rd, &mut buf).await {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        };
-        let event = match frame.tag {
-            b'd' => match parse_copy_data(&frame.body) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            },
-            // The end of a clean shutdown: CopyDone, CommandComplete, then ReadyForQuery.
-            b'c' | b'C' | b'S' | b'K' => continue,
-            b'Z' => return,
-            b'N' => {
-                let n = parse_error(&frame.body);
-                tracing::debug!(code = %n.code, message = %n.message, "server notice");
-                continue;
-            }
-            b'E' => {
-                let e = parse_error(&frame.body);
-                // FATAL and worse end the session (restart, admin shutdown, conflict): the
-                // caller may retry; an ERROR is about what we asked for.
-                let err = if e.severity == "ERROR" {
-                    ReplicationError::Server(e)
-                } else {
-                    ReplicationError::ConnectionLost(e.to_string())
-                };
-                let _ = tx.send(Err(err)).await;
-                return;
-            }
-            t => {
-                let _ = tx
-                    .send(Err(ReplicationError::Protocol(format!(
-                        "unexpected message {:?} during replication",
-                        t as char
-                    ))))
-                    .await;
-                return;
-            }
-        };
-        match &event {
-            ReplicationEvent::XLogData {
-                wal_start, data, ..
-            } => {
-                let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
-                p.observe(wal_start.0, data);
-            }
-            ReplicationEvent::Keepalive {
-                wal_end,
-                reply_requested,
-                ..
-            } => {
-                {
-                    let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+/// What ends the reader after the current batch.
+enum End {
+    /// ReadyForQuery after the server ended the COPY: a clean end of stream.
+    Clean,
+    /// An error for the consumer.
+    Error(ReplicationError),
+}
+
+/// Turns one backend message into an event (or nothing), updating the progress bookkeeping.
+fn handle_frame(
+    frame: Frame,
+    p: &mut Progress,
+    reply: &mut bool,
+) -> Result<Option<ReplicationEvent>, End> {
+    match frame.tag {
+        b'd' => {
+            let ev = parse_copy_data(&frame.body).map_err(End::Error)?;
+            match &ev {
+                ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                } => p.observe(wal_start.0, data),
+                ReplicationEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
                     p.received = p.received.max(wal_end.0);
                     if !p.open() {
                         p.idle_wal_end = p.idle_wal_end.max(wal_end.0);
                     }
+                    *reply |= *reply_requested;
                 }
-                if *reply_requested {
-                    let _ = cmd.send(Cmd::Status(None));
-                }
-                // A keepalive carries no change: drop it rather than wait for room.
-                match tx.try_send(Ok(event)) {
-                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+            Ok(Some(ev))
+        }
+        // The end of a clean shutdown: CopyDone, CommandComplete, then ReadyForQuery.
+        b'c' | b'C' | b'S' | b'K' => Ok(None),
+        b'Z' => Err(End::Clean),
+        b'N' => {
+            let n = parse_error(&frame.body);
+            tracing::debug!(code = %n.code, message = %n.message, "server notice");
+            Ok(None)
+        }
+        b'E' => {
+            let e = parse_error(&frame.body);
+            // FATAL and worse end the session (restart, admin shutdown, conflict): the caller
+            // may retry; an ERROR is about what we asked for.
+            Err(End::Error(if e.severity == "ERROR" {
+                ReplicationError::Server(e)
+            } else {
+                ReplicationError::ConnectionLost(e.to_string())
+            }))
+        }
+        t => Err(End::Error(ReplicationError::Protocol(format!(
+            "unexpected message {:?} during replication",
+            t as char
+        )))),
+    }
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(
+    mut rd: R,
+    mut buf: BytesMut,
+    q: Queue,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+) {
+    let max_batch = MAX_BATCH.min(q.capacity);
+    let mut frames = Vec::with_capacity(max_batch);
+    loop {
+        // Wait for one message, then take every complete one already buffered: one channel
+        // send and one lock per batch instead of per message.
+        let mut end = None;
+        match read_frame(&mut rd, &mut buf).await {
+            Ok(f) => frames.push(f),
+            Err(e) => end = Some(End::Error(e)),
+        }
+        while end.is_none() && frames.len() < max_batch {
+            match try_frame(&mut buf) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break,
+                Err(e) => end = Some(End::Error(e)),
+            }
+        }
+        let mut events = Vec::with_capacity(frames.len());
+        let mut reply = false;
+        {
+            let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+            for f in frames.drain(..) {
+                match handle_frame(f, &mut p, &mut reply) {
+                    Ok(Some(ev)) => events.push(ev),
+                    Ok(None) => {}
+                    Err(e) => {
+                        end = Some(e);
+                        break;
+                    }
                 }
             }
         }
-        if tx.send(Ok(event)).await.is_err() {
+        frames.clear();
+        if reply {
+            let _ = cmd.send(Cmd::Status(None));
+        }
+        if !events.is_empty() && !q.push(events).await {
             return;
         }
+        match end {
+            None => {}
+            Some(End::Clean) => return,
+            Some(End::Error(e)) => {
+                let _ = q.tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// The reader's side of the event queue: batches on an unbounded channel, bounded in events
+/// by a semaphore whose permits the consumer gives back as it takes events.
+struct Queue {
+    tx: mpsc::UnboundedSender<Result<Vec<ReplicationEvent>, ReplicationError>>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// Queues a batch, waiting for room; a batch of keepalives only is dropped when there is
+    /// none. False when the consumer is gone.
+    async fn push(&self, events: Vec<ReplicationEvent>) -> bool {
+        let n = events.len() as u32;
+        let keepalives_only = events
+            .iter()
+            .all(|e| matches!(e, ReplicationEvent::Keepalive { .. }));
+        if keepalives_only {
+            match self.permits.try_acquire_many(n) {
+                Ok(p) => p.forget(),
+                Err(TryAcquireError::NoPermits) => return true,
+                Err(TryAcquireError::Closed) => return false,
+            }
+        } else {
+            match self.permits.acquire_many(n).await {
+                Ok(p) => p.forget(),
+                Err(_) => return false,
+            }
+        }
+        self.shared.queued.fetch_add(n as usize, Ordering::AcqRel);
+        self.tx.send(Ok(events)).is_ok()
     }
 }
 
