@@ -1,0 +1,932 @@
+//! The CopyBoth logical stream after `START_REPLICATION … LOGICAL`.
+//!
+//! Owns the two tasks that hold the socket once streaming starts: a reader that turns
+//! `XLogData` and primary keepalives into [`ReplicationEvent`]s on a bounded channel (a full
+//! channel stops the reader, which stops reading the socket: TCP backpressure), and a writer
+//! that sends standby status updates on an interval, at once when the server asks, and when the
+//! caller asks. It must never report as flushed an LSN the caller did not confirm, except by the
+//! idle rule documented on [`LogicalStream`], and it must never decode pgoutput beyond a
+//! payload's first byte and a commit's end LSN.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Semaphore, TryAcquireError};
+use tokio::task::JoinHandle;
+
+use super::conn::{
+    parse_error, quote_ident, quote_literal, read_frame, try_frame, BoxIo, Cursor, Frame,
+};
+use super::ReplicationError;
+use crate::lsn::Lsn;
+
+/// How long [`LogicalStream::shutdown`] waits for the server to end the COPY.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// Most events handed to the consumer in one batch.
+const MAX_BATCH: usize = 256;
+/// Largest channel capacity (tokio's semaphore has a permit limit).
+const MAX_CAPACITY: usize = 1 << 24;
+/// Seconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01 (UTC).
+const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
+
+/// One message from the server's side of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationEvent {
+    /// A pgoutput message (`w`): decode `data` with [`crate::pgoutput`].
+    XLogData {
+        /// The WAL position of this message (for a Commit: the commit record's end).
+        wal_start: Lsn,
+        /// The server's current end of WAL sent (for logical streams, the same as `wal_start`).
+        wal_end: Lsn,
+        /// The server's clock when sending, microseconds since 2000-01-01 UTC.
+        server_time: i64,
+        /// The pgoutput message bytes.
+        data: Bytes,
+    },
+    /// A primary keepalive (`k`). Informational: the stream answers it by itself. When the
+    /// queue is full, keepalives that arrive on their own are dropped rather than waited for
+    /// (they carry no change).
+    Keepalive {
+        /// The last WAL position the server has sent or skipped.
+        wal_end: Lsn,
+        /// The server's clock, microseconds since 2000-01-01 UTC.
+        server_time: i64,
+        /// The server asked for an immediate reply (already sent by the stream).
+        reply_requested: bool,
+    },
+}
+
+/// Options of the pgoutput plugin for `START_REPLICATION`; each is sent only when set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgOutputOptions {
+    /// `proto_version` (1; 2 allows streaming of in-progress transactions).
+    pub proto_version: Option<u32>,
+    /// `publication_names`, each quoted as an identifier inside the literal.
+    pub publication_names: Vec<String>,
+    /// `binary 'true'`: column values in binary format (PostgreSQL 14+).
+    pub binary: Option<bool>,
+    /// `messages 'true'`: logical messages from `pg_logical_emit_message` (PostgreSQL 14+).
+    pub messages: Option<bool>,
+    /// `streaming 'on'`: stream large in-progress transactions (needs `proto_version` 2).
+    pub streaming: Option<bool>,
+}
+
+impl PgOutputOptions {
+    /// Options with `proto_version` set.
+    pub fn new(proto_version: u32) -> Self {
+        PgOutputOptions {
+            proto_version: Some(proto_version),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a publication (the name exactly as created: case and quotes are preserved).
+    pub fn publication(mut self, name: &str) -> Self {
+        self.publication_names.push(name.to_string());
+        self
+    }
+
+    /// Sets `binary`.
+    pub fn binary(mut self, on: bool) -> Self {
+        self.binary = Some(on);
+        self
+    }
+
+    /// Sets `messages`.
+    pub fn messages(mut self, on: bool) -> Self {
+        self.messages = Some(on);
+        self
+    }
+
+    /// Sets `streaming`.
+    pub fn streaming(mut self, on: bool) -> Self {
+        self.streaming = Some(on);
+        self
+    }
+
+    /// The option list for `START_REPLICATION`, without parentheses (empty if nothing set).
+    pub fn to_sql(&self) -> Result<String, ReplicationError> {
+        let mut parts = Vec::new();
+        if let Some(v) = self.proto_version {
+            parts.push(format!("\"proto_version\" '{v}'"));
+        }
+        if !self.publication_names.is_empty() {
+            let mut names = Vec::with_capacity(self.publication_names.len());
+            for n in &self.publication_names {
+                if n.is_empty() || n.contains('\0') {
+                    return Err(ReplicationError::InvalidName {
+                        name: n.clone(),
+                        reason: "a publication name must be non-empty and free of NUL bytes",
+                    });
+                }
+                // pgoutput splits the list with SplitIdentifierString: quote each name so case,
+                // commas and spaces survive; then the list is one string literal.
+                names.push(quote_ident(n));
+            }
+            parts.push(format!(
+                "\"publication_names\" {}",
+                quote_literal(&names.join(","))
+            ));
+        }
+        let flag = |b: bool| if b { "true" } else { "false" };
+        if let Some(b) = self.binary {
+            parts.push(format!("\"binary\" '{}'", flag(b)));
+        }
+        if let Some(b) = self.messages {
+            parts.push(format!("\"messages\" '{}'", flag(b)));
+        }
+        if let Some(b) = self.streaming {
+            parts.push(format!("\"streaming\" '{}'", if b { "on" } else { "off" }));
+        }
+        Ok(parts.join(", "))
+    }
+}
+
+/// Tuning of a [`LogicalStream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// How many events may wait for the consumer before the reader stops reading the socket.
+    pub channel_capacity: usize,
+    /// How often a standby status update is sent even when the server does not ask. Keep it
+    /// well below the server's `wal_sender_timeout` (default 60 s).
+    pub status_interval: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            channel_capacity: 1024,
+            status_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl StreamConfig {
+    /// Sets [`StreamConfig::channel_capacity`] (at least 1).
+    pub fn channel_capacity(mut self, n: usize) -> Self {
+        self.channel_capacity = n.max(1);
+        self
+    }
+
+    /// Sets [`StreamConfig::status_interval`].
+    pub fn status_interval(mut self, d: Duration) -> Self {
+        self.status_interval = d;
+        self
+    }
+}
+
+/// What the reader has seen, for the idle rule.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Between Begin and Commit.
+    in_xact: bool,
+    /// Between Stream Start and Stream Stop.
+    in_stream_block: bool,
+    /// Streamed transactions started and not yet committed or aborted.
+    streamed_open: HashSet<u32>,
+    /// The caller must have confirmed at least this before the idle rule applies: the end LSN
+    /// of the last commit received (or the position of a message outside any transaction).
+    must_confirm: u64,
+    /// The greatest `wal_end` of a keepalive received while no transaction was open.
+    idle_wal_end: u64,
+    /// The greatest position received in any message.
+    received: u64,
+}
+
+impl Progress {
+    fn open(&self) -> bool {
+        self.in_xact || self.in_stream_block || !self.streamed_open.is_empty()
+    }
+
+    /// Tracks transaction boundaries from a pgoutput payload's first byte.
+    fn observe(&mut self, wal_start: u64, data: &[u8]) {
+        let mut c = Cursor::new(data, "pgoutput");
+        let tag = c.u8().unwrap_or(0);
+        match tag {
+            b'B' => self.in_xact = true,
+            b'C' => {
+                self.in_xact = false;
+                // flags(1) commit_lsn(8) end_lsn(8)
+                let end = c.take(9).and_then(|_| c.u64()).unwrap_or(wal_start);
+                self.must_confirm = self.must_confirm.max(end);
+            }
+            b'S' => {
+                self.in_stream_block = true;
+                if let Ok(xid) = c.i32() {
+                    self.streamed_open.insert(xid as u32);
+                }
+            }
+            b'E' => self.in_stream_block = false,
+            b'c' => {
+                // xid(4) flags(1) commit_lsn(8) end_lsn(8)
+                if let Ok(xid) = c.i32() {
+                    self.streamed_open.remove(&(xid as u32));
+                }
+                let end = c.take(9).and_then(|_| c.u64()).unwrap_or(wal_start);
+                self.must_confirm = self.must_confirm.max(end);
+            }
+            b'A' => {
+                // xid(4) subxid(4): the whole transaction only when they are equal.
+                if let (Ok(xid), Ok(sub)) = (c.i32(), c.i32()) {
+                    if xid == sub {
+                        self.streamed_open.remove(&(xid as u32));
+                    }
+                }
+            }
+            _ if !self.open() => {
+                // Outside any transaction (a non-transactional logical message): the caller
+                // must confirm past it before idle keepalives may be reported.
+                self.must_confirm = self.must_confirm.max(wal_start);
+            }
+            _ => {}
+        }
+        self.received = self.received.max(wal_start);
+    }
+}
+
+/// State shared by the stream, its handles and its two tasks.
+#[derive(Debug, Default)]
+struct Shared {
+    /// What the caller says is durable downstream (monotonic).
+    confirmed: AtomicU64,
+    /// The last flush LSN sent to the server (monotonic).
+    reported: AtomicU64,
+    /// Standby status updates sent.
+    updates_sent: AtomicU64,
+    /// Events read and not yet taken by the consumer.
+    queued: AtomicUsize,
+    progress: Mutex<Progress>,
+}
+
+impl Shared {
+    /// The flush LSN to report: see the rule on [`LogicalStream`].
+    fn flush_lsn(&self) -> u64 {
+        let confirmed = self.confirmed.load(Ordering::Acquire);
+        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mut flush = confirmed;
+        if !p.open() && confirmed >= p.must_confirm {
+            flush = flush.max(p.idle_wal_end);
+        }
+        drop(p);
+        // Never step back: PostgreSQL 15 would move confirmed_flush_lsn back with us.
+        flush.max(self.reported.load(Ordering::Acquire))
+    }
+
+    fn snapshot(&self) -> StatusSnapshot {
+        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        StatusSnapshot {
+            confirmed: Lsn(self.confirmed.load(Ordering::Acquire)),
+            reported_flush: Lsn(self.reported.load(Ordering::Acquire)),
+            received: Lsn(p.received),
+            must_confirm: Lsn(p.must_confirm),
+            transaction_open: p.open(),
+            updates_sent: self.updates_sent.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// A point-in-time view of the stream's progress bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    /// The greatest LSN the caller confirmed.
+    pub confirmed: Lsn,
+    /// The last flush (= write = apply) LSN sent to the server; `0/0` until one was sent.
+    pub reported_flush: Lsn,
+    /// The greatest LSN received from the server (data or keepalive).
+    pub received: Lsn,
+    /// The end LSN of the last commit received (or message outside a transaction).
+    pub must_confirm: Lsn,
+    /// Whether a transaction (or streamed transaction) is open in what was received.
+    pub transaction_open: bool,
+    /// Standby status updates sent so far.
+    pub updates_sent: u64,
+}
+
+enum Cmd {
+    /// Send a status update; the ack (if any) gets the result once it is written.
+    Status(Option<oneshot::Sender<Result<(), ReplicationError>>>),
+    /// Send a last status update and CopyDone.
+    Finish(oneshot::Sender<Result<(), ReplicationError>>),
+    /// Send Terminate and close the socket.
+    Terminate(oneshot::Sender<Result<(), ReplicationError>>),
+}
+
+/// A cloneable handle to confirm progress from another task while the stream is consumed.
+#[derive(Debug, Clone)]
+pub struct ConfirmHandle {
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cmd::Status(_) => "Status",
+            Cmd::Finish(_) => "Finish",
+            Cmd::Terminate(_) => "Terminate",
+        })
+    }
+}
+
+impl ConfirmHandle {
+    /// Declares everything up to `lsn` durable downstream. Monotonic: a lower value is ignored.
+    /// Reported to the server with the next status update.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.shared.confirmed.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+
+    /// Sends a standby status update now and waits until it is written to the socket.
+    pub async fn send_status_now(&self) -> Result<(), ReplicationError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Status(Some(tx)))
+            .map_err(|_| ReplicationError::Closed)?;
+        rx.await.map_err(|_| ReplicationError::Closed)?
+    }
+
+    /// The stream's progress bookkeeping.
+    pub fn status(&self) -> StatusSnapshot {
+        self.shared.snapshot()
+    }
+}
+
+/// A logical replication stream: a [`futures_util::Stream`] of [`ReplicationEvent`]s.
+///
+/// **Backpressure.** A reader task reads the socket and queues events, at most
+/// [`StreamConfig::channel_capacity`] of them (in batches of the messages already buffered, so
+/// the hot path pays one hand-over per batch, not per message); when the queue is full the
+/// reader waits, stops reading the socket, and the server's sends block on TCP. Status updates come from a separate writer
+/// task, so they keep flowing (and the server's `wal_sender_timeout` stays satisfied) while the
+/// consumer is slow.
+///
+/// **What is reported.** Every standby status update sends the same LSN as write, flush and
+/// apply position. It is the greatest LSN passed to [`LogicalStream::confirm`] — with one
+/// exception, the *idle rule*, which lets a slot advance when its tables are idle (PostgreSQL
+/// 15 skips empty transactions, so no commit would ever be confirmed): the `wal_end` of the
+/// latest keepalive received while no transaction was open is reported instead, if it is
+/// greater, when **both** hold:
+/// 1. no transaction is open in what the reader has received: no Begin (`B`) without its
+///    Commit (`C`), not inside a Stream Start … Stream Stop block (`S`/`E`), and no streamed
+///    transaction without its Stream Commit (`c`) or top-level Stream Abort (`A`); and
+/// 2. the caller has confirmed at least the end LSN of the last commit received (from the
+///    Commit / Stream Commit payload), or the `wal_start` of the last message received outside
+///    any transaction (a non-transactional logical message), whichever is later.
+///
+/// Then everything the server sent has been durably handled, and the WAL up to that keepalive
+/// held nothing for this slot. The reported LSN never goes backwards. Status updates go out
+/// every [`StreamConfig::status_interval`], at once when a keepalive asks for a reply, and
+/// on [`LogicalStream::send_status_now`]; the first interval update is sent right after the
+/// start (reporting `0/0`, which the server ignores, until something is confirmed).
+///
+/// **Errors.** A closed or broken connection (server restart, `wal_sender_timeout`, network,
+/// a FATAL error from the server) ends the stream with [`ReplicationError::ConnectionLost`];
+/// reconnect and `START_REPLICATION` from the last confirmed LSN (the server resumes from the
+/// greater of it and the slot's `confirmed_flush_lsn`). After an error the stream yields
+/// `None`.
+#[derive(Debug)]
+pub struct LogicalStream {
+    rx: mpsc::UnboundedReceiver<Result<Vec<ReplicationEvent>, ReplicationError>>,
+    /// The batch being handed out, and how many permits it holds.
+    batch: std::vec::IntoIter<ReplicationEvent>,
+    batch_permits: usize,
+    permits: Arc<Semaphore>,
+    handle: ConfirmHandle,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    target: String,
+    start: Lsn,
+}
+
+impl LogicalStream {
+    pub(crate) fn spawn(
+        io: BoxIo,
+        rbuf: BytesMut,
+        target: String,
+        start: Lsn,
+        cfg: StreamConfig,
+    ) -> LogicalStream {
+        let (rd, wr) = tokio::io::split(io);
+        let shared = Arc::new(Shared::default());
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let capacity = cfg.channel_capacity.clamp(1, MAX_CAPACITY);
+        let permits = Arc::new(Semaphore::new(capacity));
+        let queue = Queue {
+            tx: ev_tx,
+            permits: permits.clone(),
+            capacity,
+            shared: shared.clone(),
+        };
+        let reader = tokio::spawn(reader_task(rd, rbuf, queue, cmd_tx.clone(), shared.clone()));
+        let writer = tokio::spawn(writer_task(wr, cmd_rx, shared.clone(), cfg.status_interval));
+        LogicalStream {
+            rx: ev_rx,
+            batch: Vec::new().into_iter(),
+            batch_permits: 0,
+            permits,
+            handle: ConfirmHandle {
+                shared,
+                cmd: cmd_tx,
+            },
+            reader,
+            writer,
+            target,
+            start,
+        }
+    }
+
+    /// Declares everything up to `lsn` durable downstream (see the rule above). Monotonic.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.handle.confirm(lsn)
+    }
+
+    /// A cloneable handle for [`LogicalStream::confirm`] from another task.
+    pub fn confirm_handle(&self) -> ConfirmHandle {
+        self.handle.clone()
+    }
+
+    /// Sends a standby status update now and waits until it is written (e.g. on shutdown, to
+    /// confirm what was printed).
+    pub async fn send_status_now(&self) -> Result<(), ReplicationError> {
+        self.handle.send_status_now().await
+    }
+
+    /// The stream's progress bookkeeping.
+    pub fn status(&self) -> StatusSnapshot {
+        self.handle.status()
+    }
+
+    /// Events read from the socket and not yet taken by the consumer (at most
+    /// [`StreamConfig::channel_capacity`]).
+    pub fn queued(&self) -> usize {
+        self.handle.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// The LSN `START_REPLICATION` was asked to start at.
+    pub fn start_lsn(&self) -> Lsn {
+        self.start
+    }
+
+    /// Ends the stream cleanly: a last status update with what was confirmed, CopyDone, waits
+    /// (up to 10 s, discarding events still in flight) for the server to end the COPY, then
+    /// Terminate. The slot keeps its confirmed position for the next start.
+    pub async fn shutdown(mut self) -> Result<(), ReplicationError> {
+        let (tx, rx) = oneshot::channel();
+        self.handle
+            .cmd
+            .send(Cmd::Finish(tx))
+            .map_err(|_| ReplicationError::Closed)?;
+        rx.await.map_err(|_| ReplicationError::Closed)??;
+        let drained = tokio::time::timeout(SHUTDOWN_WAIT, async {
+            while let Some(ev) = futures_util::StreamExt::next(&mut self).await {
+                ev?;
+            }
+            Ok(())
+        })
+        .await;
+        let (tx, rx) = oneshot::channel();
+        if self.handle.cmd.send(Cmd::Terminate(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        match drained {
+            Ok(res) => res,
+            Err(_) => {
+                tracing::warn!(target = %self.target, "server did not end the COPY in time; closed");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for LogicalStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+impl futures_util::Stream for LogicalStream {
+    type Item = Result<ReplicationEvent, ReplicationError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(ev) = this.batch.next() {
+                this.handle.shared.queued.fetch_sub(1, Ordering::AcqRel);
+                return Poll::Ready(Some(Ok(ev)));
+            }
+            // The batch is used up: give its room back to the reader.
+            if this.batch_permits > 0 {
+                this.permits.add_permits(this.batch_permits);
+                this.batch_permits = 0;
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(batch))) => {
+                    this.batch_permits = batch.len();
+                    this.batch = batch.into_iter();
+                }
+            }
+        }
+    }
+}
+
+fn pg_now() -> i64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64 - PG_EPOCH_UNIX_SECS as i64;
+    secs * 1_000_000 + i64::from(now.subsec_micros())
+}
+
+/// What ends the reader after the current batch.
+enum End {
+    /// ReadyForQuery after the server ended the COPY: a clean end of stream.
+    Clean,
+    /// An error for the consumer.
+    Error(ReplicationError),
+}
+
+/// Turns one backend message into an event (or nothing), updating the progress bookkeeping.
+fn handle_frame(
+    frame: Frame,
+    p: &mut Progress,
+    reply: &mut bool,
+) -> Result<Option<ReplicationEvent>, End> {
+    match frame.tag {
+        b'd' => {
+            let ev = parse_copy_data(&frame.body).map_err(End::Error)?;
+            match &ev {
+                ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                } => p.observe(wal_start.0, data),
+                ReplicationEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    p.received = p.received.max(wal_end.0);
+                    if !p.open() {
+                        p.idle_wal_end = p.idle_wal_end.max(wal_end.0);
+                    }
+                    *reply |= *reply_requested;
+                }
+            }
+            Ok(Some(ev))
+        }
+        // The end of a clean shutdown: CopyDone, CommandComplete, then ReadyForQuery.
+        b'c' | b'C' | b'S' | b'K' => Ok(None),
+        b'Z' => Err(End::Clean),
+        b'N' => {
+            let n = parse_error(&frame.body);
+            tracing::debug!(code = %n.code, message = %n.message, "server notice");
+            Ok(None)
+        }
+        b'E' => {
+            let e = parse_error(&frame.body);
+            // FATAL and worse end the session (restart, admin shutdown, conflict): the caller
+            // may retry; an ERROR is about what we asked for.
+            Err(End::Error(if e.severity == "ERROR" {
+                ReplicationError::Server(e)
+            } else {
+                ReplicationError::ConnectionLost(e.to_string())
+            }))
+        }
+        t => Err(End::Error(ReplicationError::Protocol(format!(
+            "unexpected message {:?} during replication",
+            t as char
+        )))),
+    }
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(
+    mut rd: R,
+    mut buf: BytesMut,
+    q: Queue,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+) {
+    let max_batch = MAX_BATCH.min(q.capacity);
+    let mut frames = Vec::with_capacity(max_batch);
+    loop {
+        // Wait for one message, then take every complete one already buffered: one channel
+        // send and one lock per batch instead of per message.
+        let mut end = None;
+        match read_frame(&mut rd, &mut buf).await {
+            Ok(f) => frames.push(f),
+            Err(e) => end = Some(End::Error(e)),
+        }
+        while end.is_none() && frames.len() < max_batch {
+            match try_frame(&mut buf) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break,
+                Err(e) => end = Some(End::Error(e)),
+            }
+        }
+        let mut events = Vec::with_capacity(frames.len());
+        let mut reply = false;
+        {
+            let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+            for f in frames.drain(..) {
+                match handle_frame(f, &mut p, &mut reply) {
+                    Ok(Some(ev)) => events.push(ev),
+                    Ok(None) => {}
+                    Err(e) => {
+                        end = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        frames.clear();
+        if reply {
+            let _ = cmd.send(Cmd::Status(None));
+        }
+        if !events.is_empty() && !q.push(events).await {
+            return;
+        }
+        match end {
+            None => {}
+            Some(End::Clean) => return,
+            Some(End::Error(e)) => {
+                let _ = q.tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// The reader's side of the event queue: batches on an unbounded channel, bounded in events
+/// by a semaphore whose permits the consumer gives back as it takes events.
+struct Queue {
+    tx: mpsc::UnboundedSender<Result<Vec<ReplicationEvent>, ReplicationError>>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// Queues a batch, waiting for room; a batch of keepalives only is dropped when there is
+    /// none. False when the consumer is gone.
+    async fn push(&self, events: Vec<ReplicationEvent>) -> bool {
+        let n = events.len() as u32;
+        let keepalives_only = events
+            .iter()
+            .all(|e| matches!(e, ReplicationEvent::Keepalive { .. }));
+        if keepalives_only {
+            match self.permits.try_acquire_many(n) {
+                Ok(p) => p.forget(),
+                Err(TryAcquireError::NoPermits) => return true,
+                Err(TryAcquireError::Closed) => return false,
+            }
+        } else {
+            match self.permits.acquire_many(n).await {
+                Ok(p) => p.forget(),
+                Err(_) => return false,
+            }
+        }
+        self.shared.queued.fetch_add(n as usize, Ordering::AcqRel);
+        self.tx.send(Ok(events)).is_ok()
+    }
+}
+
+fn parse_copy_data(body: &Bytes) -> Result<ReplicationEvent, ReplicationError> {
+    let mut c = Cursor::new(body, "CopyData");
+    match c.u8()? {
+        b'w' => {
+            let wal_start = Lsn(c.u64()?);
+            let wal_end = Lsn(c.u64()?);
+            let server_time = c.i64()?;
+            Ok(ReplicationEvent::XLogData {
+                wal_start,
+                wal_end,
+                server_time,
+                data: body.slice(25..),
+            })
+        }
+        b'k' => {
+            let wal_end = Lsn(c.u64()?);
+            let server_time = c.i64()?;
+            let reply_requested = c.u8()? != 0;
+            Ok(ReplicationEvent::Keepalive {
+                wal_end,
+                server_time,
+                reply_requested,
+            })
+        }
+        t => Err(ReplicationError::Protocol(format!(
+            "unknown replication message {:?}",
+            t as char
+        ))),
+    }
+}
+
+async fn writer_task<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut cmd: mpsc::UnboundedReceiver<Cmd>,
+    shared: Arc<Shared>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = BytesMut::with_capacity(64);
+    let mut copy_done = false;
+    loop {
+        let c = tokio::select! {
+            _ = tick.tick() => Cmd::Status(None),
+            c = cmd.recv() => match c {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        match c {
+            Cmd::Status(ack) => {
+                let res = if copy_done {
+                    Err(ReplicationError::Closed)
+                } else {
+                    send_status(&mut wr, &mut buf, &shared).await
+                };
+                let failed = res.is_err() && !copy_done;
+                if let Some(ack) = ack {
+                    let _ = ack.send(res);
+                }
+                if failed {
+                    // The reader sees the broken socket too and reports ConnectionLost.
+                    return;
+                }
+            }
+            Cmd::Finish(ack) => {
+                let mut res = Ok(());
+                if !copy_done {
+                    res = send_status(&mut wr, &mut buf, &shared).await;
+                    if res.is_ok() {
+                        frontend::copy_done(&mut buf);
+                        res = write_all(&mut wr, &mut buf).await;
+                    }
+                    copy_done = true;
+                }
+                let _ = ack.send(res);
+            }
+            Cmd::Terminate(ack) => {
+                frontend::terminate(&mut buf);
+                let res = write_all(&mut wr, &mut buf).await;
+                let _ = wr.shutdown().await;
+                let _ = ack.send(res);
+                return;
+            }
+        }
+    }
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut BytesMut,
+) -> Result<(), ReplicationError> {
+    let res = async {
+        wr.write_all(buf).await?;
+        wr.flush().await
+    }
+    .await;
+    buf.clear();
+    res.map_err(|e| ReplicationError::ConnectionLost(e.to_string()))
+}
+
+async fn send_status<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<(), ReplicationError> {
+    let flush = shared.flush_lsn();
+    let mut msg = [0u8; 34];
+    {
+        let mut m = &mut msg[..];
+        m.put_u8(b'r');
+        m.put_u64(flush); // written
+        m.put_u64(flush); // flushed
+        m.put_u64(flush); // applied
+        m.put_i64(pg_now());
+        m.put_u8(0); // no reply requested
+    }
+    frontend::CopyData::new(&msg[..])
+        .map_err(|e| ReplicationError::Protocol(e.to_string()))?
+        .write(buf);
+    write_all(wr, buf).await?;
+    shared.reported.fetch_max(flush, Ordering::AcqRel);
+    shared.updates_sent.fetch_add(1, Ordering::AcqRel);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(end: u64) -> Vec<u8> {
+        let mut v = vec![b'C', 0];
+        v.extend_from_slice(&(end - 8).to_be_bytes());
+        v.extend_from_slice(&end.to_be_bytes());
+        v.extend_from_slice(&0i64.to_be_bytes());
+        v
+    }
+
+    fn shared_with(f: impl FnOnce(&mut Progress)) -> Shared {
+        let s = Shared::default();
+        f(&mut s.progress.lock().unwrap());
+        s
+    }
+
+    #[test]
+    fn idle_rule_needs_closed_transaction_and_full_confirmation() {
+        let s = shared_with(|p| {
+            p.observe(100, b"B");
+            p.observe(110, b"I");
+            p.observe(200, &commit(200));
+            p.idle_wal_end = 300; // keepalive after the commit
+        });
+        // Nothing confirmed: report nothing.
+        assert_eq!(s.flush_lsn(), 0);
+        s.confirmed.store(150, Ordering::Release);
+        assert_eq!(s.flush_lsn(), 150);
+        s.confirmed.store(200, Ordering::Release);
+        assert_eq!(s.flush_lsn(), 300);
+        // A new transaction opens: only what the caller confirmed.
+        s.progress.lock().unwrap().observe(400, b"B");
+        s.reported.store(0, Ordering::Release);
+        assert_eq!(s.flush_lsn(), 200);
+        // Never backwards.
+        s.reported.store(300, Ordering::Release);
+        assert_eq!(s.flush_lsn(), 300);
+    }
+
+    #[test]
+    fn streamed_transactions_keep_the_slot_open_until_commit_or_abort() {
+        let mut p = Progress::default();
+        p.observe(10, &[b'S', 0, 0, 0, 7, 1]);
+        assert!(p.open());
+        p.observe(11, b"E");
+        assert!(p.open(), "xid 7 streamed but not committed");
+        // Subtransaction abort keeps it open.
+        p.observe(12, &[b'A', 0, 0, 0, 7, 0, 0, 0, 8]);
+        assert!(p.open());
+        let mut c = vec![b'c', 0, 0, 0, 7, 0];
+        c.extend_from_slice(&90u64.to_be_bytes());
+        c.extend_from_slice(&99u64.to_be_bytes());
+        c.extend_from_slice(&0i64.to_be_bytes());
+        p.observe(99, &c);
+        assert!(!p.open());
+        assert_eq!(p.must_confirm, 99);
+        // A non-transactional message outside a transaction must be confirmed too.
+        p.observe(120, b"M");
+        assert_eq!(p.must_confirm, 120);
+        // Truncated payloads do not panic.
+        p.observe(130, b"C");
+        p.observe(131, b"");
+        assert_eq!(p.must_confirm, 131);
+    }
+
+    #[test]
+    fn options_are_quoted() {
+        let o = PgOutputOptions::new(2)
+            .publication("p")
+            .publication("My \"Pub\" it's")
+            .binary(true)
+            .messages(true)
+            .streaming(true);
+        assert_eq!(
+            o.to_sql().unwrap(),
+            r#""proto_version" '2', "publication_names" '"p","My ""Pub"" it''s"', "binary" 'true', "messages" 'true', "streaming" 'on'"#
+        );
+        assert_eq!(PgOutputOptions::default().to_sql().unwrap(), "");
+        assert!(PgOutputOptions::new(1).publication("").to_sql().is_err());
+    }
+
+    #[test]
+    fn copy_data_parsing() {
+        let mut b = vec![b'w'];
+        b.extend_from_slice(&5u64.to_be_bytes());
+        b.extend_from_slice(&6u64.to_be_bytes());
+        b.extend_from_slice(&7i64.to_be_bytes());
+        b.extend_from_slice(b"Bxyz");
+        let ev = parse_copy_data(&Bytes::from(b.clone())).unwrap();
+        assert_eq!(
+            ev,
+            ReplicationEvent::XLogData {
+                wal_start: Lsn(5),
+                wal_end: Lsn(6),
+                server_time: 7,
+                data: Bytes::from_static(b"Bxyz")
+            }
+        );
+        assert!(parse_copy_data(&Bytes::from(b[..20].to_vec())).is_err());
+        assert!(parse_copy_data(&Bytes::from_static(b"k\0")).is_err());
+        assert!(parse_copy_data(&Bytes::from_static(b"")).is_err());
+    }
+}
