@@ -6,10 +6,12 @@
 //! allocate unboundedly from a length read off the wire, and it must never panic on any
 //! input: bad bytes are an error naming the message kind and the offset.
 
+pub mod binary;
 pub mod decoder;
 pub mod relcache;
 pub mod types;
 
+pub use binary::{BinaryError, UserType};
 pub use decoder::{DecodeError, Decoder};
-pub use relcache::{RelationCache, Row, RowError};
+pub use relcache::{Relation, RelationCache, Rendered, Row, RowChange, RowError, TypeInfo};
 pub use types::*;
