@@ -112,7 +112,7 @@ impl Relation {
 /// Feed it every message with [`RelationCache::observe`] (it keeps `R` and `Y`), and call
 /// [`RelationCache::clear`] on reconnect: the server sends every Relation again in each
 /// walsender session.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RelationCache {
     relations: HashMap<Oid, Arc<Relation>>,
     types: Arc<TypeMap>,
