@@ -53,6 +53,10 @@ pub enum Command {
     Run {
         /// The migration spec file (TOML).
         spec: PathBuf,
+        /// Exit 0 once the backfill is done and every change so far is applied (for
+        /// scripts and tests); by default `run` keeps streaming until stopped.
+        #[arg(long)]
+        exit_when_caught_up: bool,
     },
     /// Stage, copy progress, lag, mismatches, routing.
     Status {

@@ -9,6 +9,7 @@
 //! - ground: [`lsn`], [`pgoutput`], [`spec`], [`catalog`], [`testpg`]
 //! - ground: [`lsn`], [`pgoutput`], [`state`], [`testpg`]
 //! - top: [`cli`]
+pub mod abort;
 pub mod apply;
 pub mod catalog;
 pub mod cli;
@@ -18,7 +19,9 @@ pub mod pgoutput;
 pub mod plan;
 pub mod raw;
 pub mod replication;
+pub mod run;
 pub mod spec;
 pub mod state;
+pub mod status;
 pub mod tail;
 pub mod testpg;

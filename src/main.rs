@@ -34,15 +34,9 @@ fn plan_command(spec_path: &std::path::Path) -> i32 {
             return 2;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime("plan", false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("shadowmig plan: cannot start the async runtime: {e}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     let result: anyhow::Result<shadowmig::plan::Plan> =
         rt.block_on(async { Ok(shadowmig::plan::plan(&spec).await?) });
@@ -65,11 +59,203 @@ fn plan_command(spec_path: &std::path::Path) -> i32 {
     }
 }
 
+fn runtime(name: &str, multi: bool) -> Result<tokio::runtime::Runtime, i32> {
+    let mut b = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().map_err(|e| {
+        eprintln!("shadowmig {name}: cannot start the async runtime: {e}");
+        2
+    })
+}
+
+fn load_spec(name: &str, path: &std::path::Path) -> Result<(shadowmig::spec::Spec, String), i32> {
+    let spec = shadowmig::spec::Spec::load(path).map_err(|e| {
+        eprintln!("shadowmig {name}: {e}");
+        2
+    })?;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    Ok((spec, text))
+}
+
+/// A watch that turns true on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// One line for an error: secrets scrubbed, newlines folded.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    shadowmig::spec::scrub_secrets(&e.to_string()).replace('\n', " ")
+}
+
+/// `shadowmig run SPEC`: preflight (the plan's checks), then set-up, backfill and streaming.
+/// Exit 0 when stopped by a signal or caught up, 1 on a failed check or fatal error, 3 when
+/// the migration paused for the operator (source DDL or TRUNCATE).
+fn run_command(path: &std::path::Path, exit_when_caught_up: bool) -> i32 {
+    let (spec, text) = match load_spec("run", path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rt = match runtime("run", true) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        match shadowmig::plan::plan(&spec).await {
+            Ok(plan) if !plan.ok() => {
+                eprint!("{}", plan.render());
+                eprintln!(
+                    "shadowmig run: preflight checks failed (see above); nothing was changed"
+                );
+                return 1;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("shadowmig run: preflight: {}", one_line(&e));
+                return 2;
+            }
+        }
+        let shutdown = shutdown_signal();
+        let opts = shadowmig::run::RunOptions {
+            exit_when_caught_up,
+            ..Default::default()
+        };
+        match shadowmig::run::run(&spec, &text, &opts, shutdown).await {
+            Ok(shadowmig::run::Outcome::Stopped) => {
+                tracing::info!("stopped: the last batch is committed and confirmed");
+                0
+            }
+            Ok(shadowmig::run::Outcome::CaughtUp) => 0,
+            Ok(shadowmig::run::Outcome::Paused(msg)) => {
+                eprintln!("shadowmig run: paused: {}", one_line(&msg));
+                3
+            }
+            Err(e) => {
+                eprintln!("shadowmig run: {}", one_line(&e));
+                1
+            }
+        }
+    })
+}
+
+/// `shadowmig status SPEC [--json]`.
+fn status_command(path: &std::path::Path, json: bool) -> i32 {
+    let (spec, _) = match load_spec("status", path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rt = match runtime("status", false) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(shadowmig::status::gather(&spec)) {
+        Ok(st) => {
+            if json {
+                match serde_json::to_string_pretty(&st) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("shadowmig status: {e}");
+                        return 2;
+                    }
+                }
+            } else {
+                print!("{}", st.render());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("shadowmig status: {}", one_line(&e));
+            2
+        }
+    }
+}
+
+/// `shadowmig abort SPEC`.
+fn abort_command(path: &std::path::Path) -> i32 {
+    let (spec, _) = match load_spec("abort", path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rt = match runtime("abort", false) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(shadowmig::abort::abort(&spec)) {
+        Ok(done) => {
+            for line in done {
+                println!("{line}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "shadowmig abort: {} (run abort again to finish)",
+                one_line(&e)
+            );
+            1
+        }
+    }
+}
+
+/// `shadowmig tail`: exit 0 on Ctrl-C/SIGTERM, 1 with one line on stderr for bad input.
+fn tail_command(opts: shadowmig::tail::TailOptions) -> i32 {
+    let rt = match runtime("tail", false) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let shutdown = shutdown_signal();
+        let stdout = std::io::stdout();
+        let out = std::io::BufWriter::new(stdout.lock());
+        match shadowmig::tail::run_tail(&opts, shutdown, out).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("shadowmig tail: {}", one_line(&e));
+                1
+            }
+        }
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {
         Command::Plan { spec } => plan_command(&spec),
+        Command::Run {
+            spec,
+            exit_when_caught_up,
+        } => run_command(&spec, exit_when_caught_up),
+        Command::Status { spec, json } => status_command(&spec, json),
+        Command::Abort { spec } => abort_command(&spec),
+        Command::Tail {
+            url,
+            table,
+            slot,
+            from_now,
+        } => tail_command(shadowmig::tail::TailOptions {
+            url,
+            table,
+            slot,
+            from_now,
+        }),
         Command::Demo => not_built("demo"),
         other => not_built(other.name()),
     };

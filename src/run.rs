@@ -18,12 +18,17 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_postgres::Client;
 
-use crate::apply::{unapplied, ApplyTarget, ApplyWriter, Change, ProgressKey, SourceChange, SourceColumn, TargetColumn};
+use crate::apply::{
+    ApplyTarget, ApplyWriter, Change, ProgressKey, SourceChange, SourceColumn, TargetColumn,
+};
 use crate::catalog::{self, ReplicaIdentity};
 use crate::copy::{emit_watermark, CopySource, HighOutcome, KeyValue, Snapshot, WatermarkTracker};
 use crate::lsn::Lsn;
-use crate::pgoutput::{Decoder, LogicalMessage, OldKind, RelationBody, TupleData, TupleValue};
-use crate::replication::{PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent, SnapshotAction, StreamConfig};
+use crate::pgoutput::{Decoder, LogicalMessage, RelationBody, TupleData, TupleValue};
+use crate::replication::{
+    PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent, SnapshotAction,
+    StreamConfig,
+};
 use crate::spec::{quote_ident, Spec};
 use crate::state::{self, ChunkProgress, Direction};
 
@@ -44,7 +49,11 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { exit_when_caught_up: false, batch_changes: 20_000, batch_idle: Duration::from_millis(20) }
+        RunOptions {
+            exit_when_caught_up: false,
+            batch_changes: 20_000,
+            batch_idle: Duration::from_millis(20),
+        }
     }
 }
 
@@ -82,13 +91,14 @@ impl RunError {
     }
 }
 
-fn setup_err(what: &str) -> impl FnOnce(String) -> RunError + '_ {
-    move |e| RunError::Setup(format!("{what}: {e}"))
-}
-
 /// Maps a target-database error: a broken connection is retryable, the rest is fatal.
 fn pg_err(what: &str, e: tokio_postgres::Error) -> RunError {
-    if e.is_closed() || e.as_db_error().map(|d| d.code().code().starts_with("57P")).unwrap_or(false) || io_cause(&e) {
+    if e.is_closed()
+        || e.as_db_error()
+            .map(|d| d.code().code().starts_with("57P"))
+            .unwrap_or(false)
+        || io_cause(&e)
+    {
         RunError::Connection(format!("{what}: {}", catalog::db_message(&e)))
     } else {
         RunError::Fatal(format!("{what}: {}", catalog::db_message(&e)))
@@ -107,7 +117,12 @@ fn io_cause(e: &tokio_postgres::Error) -> bool {
 }
 
 fn repl_err(what: &str, e: ReplicationError) -> RunError {
-    if e.is_connection_lost() || matches!(e, ReplicationError::Connect { .. } | ReplicationError::ConnectTimeout(_)) {
+    if e.is_connection_lost()
+        || matches!(
+            e,
+            ReplicationError::Connect { .. } | ReplicationError::ConnectTimeout(_)
+        )
+    {
         RunError::Connection(format!("{what}: {e}"))
     } else {
         RunError::Fatal(format!("{what}: {e}"))
@@ -116,7 +131,9 @@ fn repl_err(what: &str, e: ReplicationError) -> RunError {
 
 fn apply_err(what: &str, e: crate::apply::ApplyError) -> RunError {
     match e {
-        crate::apply::ApplyError::Db { source, during } => pg_err(&format!("{what} ({during})"), source),
+        crate::apply::ApplyError::Db { source, during } => {
+            pg_err(&format!("{what} ({during})"), source)
+        }
         other => RunError::Fatal(format!("{what}: {other}")),
     }
 }
@@ -130,7 +147,9 @@ fn state_err(what: &str, e: state::StateError) -> RunError {
 
 fn copy_err(what: &str, e: crate::copy::CopyError) -> RunError {
     match e {
-        crate::copy::CopyError::Query { source, context } => pg_err(&format!("{what} ({context})"), source),
+        crate::copy::CopyError::Query { source, context } => {
+            pg_err(&format!("{what} ({context})"), source)
+        }
         other => RunError::Fatal(format!("{what}: {other}")),
     }
 }
@@ -154,9 +173,18 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
     let source_oid = catalog::table_oid(src, &spec.source.table)
         .await
         .map_err(cat)?
-        .ok_or_else(|| RunError::Setup(format!("source table {} not found", spec.source.table.quoted())))?;
-    let source_columns: Vec<catalog::Column> =
-        catalog::columns(src, source_oid).await.map_err(cat)?.into_iter().filter(|c| !c.generated).collect();
+        .ok_or_else(|| {
+            RunError::Setup(format!(
+                "source table {} not found",
+                spec.source.table.quoted()
+            ))
+        })?;
+    let source_columns: Vec<catalog::Column> = catalog::columns(src, source_oid)
+        .await
+        .map_err(cat)?
+        .into_iter()
+        .filter(|c| !c.generated)
+        .collect();
     let pk = catalog::primary_key(src, source_oid).await.map_err(cat)?;
     let identity_cols: Vec<String> = match catalog::replica_identity(src, source_oid).await.map_err(cat)? {
         ReplicaIdentity::Default => pk.clone().ok_or_else(|| {
@@ -174,26 +202,43 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
     // a change's keys are comparable. Under FULL that is every column: page by the primary
     // key instead (FULL old tuples carry it too).
     let paging: Vec<String> = if identity_cols.len() == source_columns.len() {
-        pk.clone().ok_or_else(|| RunError::Setup("REPLICA IDENTITY FULL without a primary key: the backfill has nothing to page by".into()))?
+        pk.clone().ok_or_else(|| {
+            RunError::Setup(
+                "REPLICA IDENTITY FULL without a primary key: the backfill has nothing to page by"
+                    .into(),
+            )
+        })?
     } else {
         identity_cols.clone()
     };
     let pos = |name: &str| source_columns.iter().position(|c| c.name == name);
     let key: Vec<usize> = paging
         .iter()
-        .map(|n| pos(n).ok_or_else(|| RunError::Setup(format!("key column {n} is not a source column"))))
+        .map(|n| {
+            pos(n).ok_or_else(|| RunError::Setup(format!("key column {n} is not a source column")))
+        })
         .collect::<Result<_, _>>()?;
 
     let target_oid = catalog::table_oid(tgt, &spec.target.table)
         .await
         .map_err(cat)?
-        .ok_or_else(|| RunError::Setup(format!("target table {} not found", spec.target.table.quoted())))?;
+        .ok_or_else(|| {
+            RunError::Setup(format!(
+                "target table {} not found",
+                spec.target.table.quoted()
+            ))
+        })?;
     let target_cols = catalog::columns(tgt, target_oid).await.map_err(cat)?;
     let target_key = catalog::row_key(tgt, target_oid)
         .await
         .map_err(cat)?
         .map(|(_, cols)| cols)
-        .ok_or_else(|| RunError::Setup(format!("target table {} has no primary key or usable unique index", spec.target.table.quoted())))?;
+        .ok_or_else(|| {
+            RunError::Setup(format!(
+                "target table {} has no primary key or usable unique index",
+                spec.target.table.quoted()
+            ))
+        })?;
     let mut target_columns = Vec::new();
     for c in target_cols.iter().filter(|c| !c.generated) {
         if let Some(expr) = spec.transform.get(&c.name) {
@@ -203,39 +248,67 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
         }
     }
     let apply_target = ApplyTarget {
-        table: (spec.target.table.schema.clone(), spec.target.table.name.clone()),
+        table: (
+            spec.target.table.schema.clone(),
+            spec.target.table.name.clone(),
+        ),
         source_columns: source_columns
             .iter()
-            .map(|c| SourceColumn { name: c.name.clone(), type_sql: c.type_name.clone(), is_identity: identity_cols.contains(&c.name) })
+            .map(|c| SourceColumn {
+                name: c.name.clone(),
+                type_sql: c.type_name.clone(),
+                is_identity: identity_cols.contains(&c.name),
+            })
             .collect(),
         target_columns,
         target_key,
     };
     let copy_source = CopySource {
         table_sql: spec.source.table.quoted(),
-        columns: source_columns.iter().map(|c| quote_ident(&c.name)).collect(),
+        columns: source_columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect(),
         key,
     };
-    Ok(Prepared { source_oid, source_columns, apply_target, copy_source })
+    Ok(Prepared {
+        source_oid,
+        source_columns,
+        apply_target,
+        copy_source,
+    })
 }
 
 /// Runs `sql` under `lock_timeout`, retrying with backoff when the lock is not granted in
 /// time, so DDL never queues behind a long lock (and never makes others queue behind it).
-pub async fn ddl_with_retries(client: &Client, sql: &str, lock_timeout_ms: u64) -> Result<(), RunError> {
+pub async fn ddl_with_retries(
+    client: &Client,
+    sql: &str,
+    lock_timeout_ms: u64,
+) -> Result<(), RunError> {
     let mut wait = Duration::from_millis(200);
     for attempt in 1..=10 {
         let r = client
-            .batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; {sql}; COMMIT;"))
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; {sql}; COMMIT;"
+            ))
             .await;
         match r {
             Ok(()) => return Ok(()),
             Err(e) => {
                 let _ = client.batch_execute("ROLLBACK").await;
-                let lock = e.as_db_error().map(|d| d.code().code() == "55P03").unwrap_or(false);
+                let lock = e
+                    .as_db_error()
+                    .map(|d| d.code().code() == "55P03")
+                    .unwrap_or(false);
                 if !lock || attempt == 10 {
                     return Err(pg_err("running DDL", e));
                 }
-                tracing::warn!(attempt, "DDL waited longer than lock_timeout for its lock; retrying in {:?}", wait);
+                tracing::warn!(
+                    attempt,
+                    "DDL waited longer than lock_timeout for its lock; retrying in {:?}",
+                    wait
+                );
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
@@ -245,28 +318,47 @@ pub async fn ddl_with_retries(client: &Client, sql: &str, lock_timeout_ms: u64) 
 }
 
 /// Idempotent set-up: state schema, publication (source table only), slot, target table.
-pub async fn set_up(spec: &Spec, spec_text: &str, src: &Client, tgt: &mut Client) -> Result<(), RunError> {
+pub async fn set_up(
+    spec: &Spec,
+    spec_text: &str,
+    src: &Client,
+    tgt: &mut Client,
+) -> Result<(), RunError> {
     let lt = spec.throttle.lock_timeout_ms;
-    state::ensure_schema(tgt, lt.min(u64::from(u32::MAX)) as u32).await.map_err(|e| state_err("creating the state schema", e))?;
+    state::ensure_schema(tgt, lt.min(u64::from(u32::MAX)) as u32)
+        .await
+        .map_err(|e| state_err("creating the state schema", e))?;
     ensure_run_state(tgt).await?;
-    state::register_migration(&*tgt, &spec.name, spec_text).await.map_err(|e| state_err("registering the migration", e))?;
+    state::register_migration(&*tgt, &spec.name, spec_text)
+        .await
+        .map_err(|e| state_err("registering the migration", e))?;
 
     let pubname = spec.publication_name();
     let have_pub = src
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&pubname])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&pubname],
+        )
         .await
         .map_err(|e| pg_err("looking up the publication", e))?
         .is_some();
     if !have_pub {
         // The shadow table must never be in it: PostgreSQL 15 cannot filter our own writes out.
-        let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&pubname), spec.source.table.quoted());
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(&pubname),
+            spec.source.table.quoted()
+        );
         ddl_with_retries(src, &sql, lt).await?;
         tracing::info!(publication = %pubname, "created the publication");
     }
 
     let slot = spec.slot_name();
     let have_slot = src
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .map_err(|e| pg_err("looking up the slot", e))?
         .is_some();
@@ -287,12 +379,18 @@ pub async fn set_up(spec: &Spec, spec_text: &str, src: &Client, tgt: &mut Client
         .is_some();
     if !have_target {
         let create = spec.target.create.as_deref().ok_or_else(|| {
-            RunError::Setup(format!("target table {} does not exist and the spec has no [target].create", spec.target.table.quoted()))
+            RunError::Setup(format!(
+                "target table {} does not exist and the spec has no [target].create",
+                spec.target.table.quoted()
+            ))
         })?;
         ddl_with_retries(tgt, create, lt).await?;
-        tgt.execute("UPDATE shadowmig.migrations SET created_target = true WHERE name = $1", &[&spec.name])
-            .await
-            .map_err(|e| pg_err("recording the target's creation", e))?;
+        tgt.execute(
+            "UPDATE shadowmig.migrations SET created_target = true WHERE name = $1",
+            &[&spec.name],
+        )
+        .await
+        .map_err(|e| pg_err("recording the target's creation", e))?;
         tracing::info!(table = %spec.target.table.quoted(), "created the target table");
     }
     Ok(())
@@ -319,7 +417,13 @@ fn hex_key(k: &KeyValue) -> Vec<Option<String>> {
 }
 
 fn unhex_key(k: &[Option<String>]) -> Option<KeyValue> {
-    k.iter().map(|s| s.as_deref().and_then(|h| hex::decode(h).ok()).map(Bytes::from)).collect()
+    k.iter()
+        .map(|s| {
+            s.as_deref()
+                .and_then(|h| hex::decode(h).ok())
+                .map(Bytes::from)
+        })
+        .collect()
 }
 
 /// The durable backfill frontier: every source key up to it has been copied.
@@ -333,13 +437,24 @@ struct CopyState {
 const FRONTIER_ROW: i64 = 0;
 
 async fn read_copy_state(tgt: &Client, migration: &str) -> Result<CopyState, RunError> {
-    let rows = state::read_copy_progress(tgt, migration).await.map_err(|e| state_err("reading copy progress", e))?;
-    let Some(p) = rows.into_iter().find(|p| p.chunk == FRONTIER_ROW) else { return Ok(CopyState::default()) };
+    let rows = state::read_copy_progress(tgt, migration)
+        .await
+        .map_err(|e| state_err("reading copy progress", e))?;
+    let Some(p) = rows.into_iter().find(|p| p.chunk == FRONTIER_ROW) else {
+        return Ok(CopyState::default());
+    };
     let frontier = match p.last_key {
-        Some(k) => Some(unhex_key(&k).ok_or_else(|| RunError::Fatal("copy progress holds an unreadable key".into()))?),
+        Some(k) => Some(
+            unhex_key(&k)
+                .ok_or_else(|| RunError::Fatal("copy progress holds an unreadable key".into()))?,
+        ),
         None => None,
     };
-    Ok(CopyState { frontier, rows_copied: p.rows_copied, done: p.done })
+    Ok(CopyState {
+        frontier,
+        rows_copied: p.rows_copied,
+        done: p.done,
+    })
 }
 
 /// A chunk the backfill read, waiting in the apply loop for its high watermark.
@@ -354,8 +469,15 @@ struct ReadyChunk {
 /// advances over the contiguous finished prefix); re-read ids live above [`KEYS_ID_BASE`].
 #[derive(Debug, Clone)]
 enum Job {
-    Range { id: u64, lo: Option<KeyValue>, hi: Option<KeyValue> },
-    Keys { id: u64, keys: Vec<KeyValue> },
+    Range {
+        id: u64,
+        lo: Option<KeyValue>,
+        hi: Option<KeyValue>,
+    },
+    Keys {
+        id: u64,
+        keys: Vec<KeyValue>,
+    },
 }
 
 const KEYS_ID_BASE: u64 = 1 << 40;
@@ -380,10 +502,19 @@ struct Shared {
 
 /// Runs the migration until stopped, caught up (with the option), paused, or a fatal error.
 /// Lost connections are retried with backoff and resumed from the state in the target.
-pub async fn run(spec: &Spec, spec_text: &str, opts: &RunOptions, mut shutdown: watch::Receiver<bool>) -> Result<Outcome, RunError> {
+pub async fn run(
+    spec: &Spec,
+    spec_text: &str,
+    opts: &RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Outcome, RunError> {
     {
-        let src = catalog::connect(&spec.source.url).await.map_err(|e| RunError::Setup(e.to_string()))?;
-        let mut tgt = catalog::connect(&spec.target.url).await.map_err(|e| RunError::Setup(e.to_string()))?;
+        let src = catalog::connect(&spec.source.url)
+            .await
+            .map_err(|e| RunError::Setup(e.to_string()))?;
+        let mut tgt = catalog::connect(&spec.target.url)
+            .await
+            .map_err(|e| RunError::Setup(e.to_string()))?;
         set_up(spec, spec_text, &src, &mut tgt).await?;
     }
     let mut backoff = Duration::from_millis(500);
@@ -394,7 +525,10 @@ pub async fn run(spec: &Spec, spec_text: &str, opts: &RunOptions, mut shutdown: 
                 if *shutdown.borrow() {
                     return Ok(Outcome::Stopped);
                 }
-                tracing::warn!("{e}; reconnecting in {:?} and resuming from the last committed batch", backoff);
+                tracing::warn!(
+                    "{e}; reconnecting in {:?} and resuming from the last committed batch",
+                    backoff
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(Outcome::Stopped),
@@ -436,18 +570,38 @@ impl Applier<'_> {
     /// Applies the batch in one target transaction with its progress, copy frontier and
     /// re-read bookkeeping, then confirms its LSN to the slot.
     async fn flush(&mut self, stream: &crate::replication::LogicalStream) -> Result<(), RunError> {
-        let Some(lsn) = self.batch_lsn else { return Ok(()) };
+        let Some(lsn) = self.batch_lsn else {
+            return Ok(());
+        };
         let name = &self.spec.name;
-        let tx = self.tgt.transaction().await.map_err(|e| pg_err("starting a batch", e))?;
-        let stats = self.writer.write_batch(&tx, &self.batch, lsn).await.map_err(|e| apply_err("applying a batch", e))?;
+        let tx = self
+            .tgt
+            .transaction()
+            .await
+            .map_err(|e| pg_err("starting a batch", e))?;
+        let stats = self
+            .writer
+            .write_batch(&tx, &self.batch, lsn)
+            .await
+            .map_err(|e| apply_err("applying a batch", e))?;
         if let Some(c) = self.batch_copy.as_ref() {
-            let p = ChunkProgress { chunk: FRONTIER_ROW, last_key: c.frontier.as_ref().map(hex_key), rows_copied: c.rows_copied, done: c.done };
-            state::write_copy_progress(&tx, name, &p).await.map_err(|e| state_err("writing copy progress", e))?;
+            let p = ChunkProgress {
+                chunk: FRONTIER_ROW,
+                last_key: c.frontier.as_ref().map(hex_key),
+                rows_copied: c.rows_copied,
+                done: c.done,
+            };
+            state::write_copy_progress(&tx, name, &p)
+                .await
+                .map_err(|e| state_err("writing copy progress", e))?;
         }
         for k in &self.rereads_done {
-            tx.execute("DELETE FROM shadowmig.reread WHERE migration = $1 AND key = $2", &[name, &hex_key(k)])
-                .await
-                .map_err(|e| pg_err("clearing a re-read", e))?;
+            tx.execute(
+                "DELETE FROM shadowmig.reread WHERE migration = $1 AND key = $2",
+                &[name, &hex_key(k)],
+            )
+            .await
+            .map_err(|e| pg_err("clearing a re-read", e))?;
         }
         let mut rereads = Vec::new();
         for t in &stats.needs_reread {
@@ -461,7 +615,9 @@ impl Applier<'_> {
         tx.execute("UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1", &[name, &n])
             .await
             .map_err(|e| pg_err("counting applied changes", e))?;
-        tx.commit().await.map_err(|e| pg_err("committing a batch", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| pg_err("committing a batch", e))?;
         stream.confirm(lsn);
         self.applied += n as u64;
         self.batch.clear();
@@ -474,35 +630,70 @@ impl Applier<'_> {
 }
 
 /// One connected stretch of the migration: from the committed state to an outcome or error.
-async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver<bool>) -> Result<Outcome, RunError> {
-    let src = catalog::connect(&spec.source.url).await.map_err(|e| RunError::Connection(e.to_string()))?;
-    let tgt = catalog::connect(&spec.target.url).await.map_err(|e| RunError::Connection(e.to_string()))?;
+async fn run_once(
+    spec: &Spec,
+    opts: &RunOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Outcome, RunError> {
+    let src = catalog::connect(&spec.source.url)
+        .await
+        .map_err(|e| RunError::Connection(e.to_string()))?;
+    let tgt = catalog::connect(&spec.target.url)
+        .await
+        .map_err(|e| RunError::Connection(e.to_string()))?;
     let prepared = prepare(spec, &src, &tgt).await?;
-    let progress = ProgressKey { migration: spec.name.clone(), direction: Direction::Forward };
-    let writer = ApplyWriter::new(prepared.apply_target.clone(), progress).map_err(|e| RunError::Setup(e.to_string()))?;
-    let committed = writer.committed_lsn(&tgt).await.map_err(|e| apply_err("reading progress", e))?;
+    let progress = ProgressKey {
+        migration: spec.name.clone(),
+        direction: Direction::Forward,
+    };
+    let writer = ApplyWriter::new(prepared.apply_target.clone(), progress)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let committed = writer
+        .committed_lsn(&tgt)
+        .await
+        .map_err(|e| apply_err("reading progress", e))?;
     let mut copy_state = read_copy_state(&tgt, &spec.name).await?;
     let pending_rereads: Vec<KeyValue> = tgt
-        .query("SELECT key FROM shadowmig.reread WHERE migration = $1", &[&spec.name])
+        .query(
+            "SELECT key FROM shadowmig.reread WHERE migration = $1",
+            &[&spec.name],
+        )
         .await
         .map_err(|e| pg_err("reading pending re-reads", e))?
         .iter()
-        .filter_map(|r| r.try_get::<_, Vec<Option<String>>>(0).ok().and_then(|k| unhex_key(&k)))
+        .filter_map(|r| {
+            r.try_get::<_, Vec<Option<String>>>(0)
+                .ok()
+                .and_then(|k| unhex_key(&k))
+        })
         .collect();
-    let control = catalog::connect(&spec.target.url).await.map_err(|e| RunError::Connection(e.to_string()))?;
+    let control = catalog::connect(&spec.target.url)
+        .await
+        .map_err(|e| RunError::Connection(e.to_string()))?;
 
-    let mut repl = ReplicationClient::connect_config(spec.source.url.config())
+    let repl = ReplicationClient::connect_config(spec.source.url.config())
         .await
         .map_err(|e| repl_err("opening the replication connection", e))?;
-    let options = PgOutputOptions::new(1).publication(&spec.publication_name()).binary(true).messages(true);
+    let options = PgOutputOptions::new(1)
+        .publication(&spec.publication_name())
+        .binary(true)
+        .messages(true);
     let mut stream = repl
-        .start_logical(&spec.slot_name(), committed.unwrap_or(Lsn::ZERO), &options, StreamConfig::default())
+        .start_logical(
+            &spec.slot_name(),
+            committed.unwrap_or(Lsn::ZERO),
+            &options,
+            StreamConfig::default(),
+        )
         .await
         .map_err(|e| repl_err("starting replication", e))?;
     tracing::info!(from = %committed.unwrap_or(Lsn::ZERO), rows_copied = copy_state.rows_copied, copy_done = copy_state.done, "streaming changes");
 
     // Per-process epoch: watermarks left in the WAL by an earlier process are ignored.
-    let epoch: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let epoch: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
     let shared = Arc::new(Shared {
         paused: AtomicBool::new(false),
         chunk_rows: AtomicU64::new(spec.copy.chunk_rows),
@@ -528,7 +719,10 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
     if !pending_rereads.is_empty() {
         next_keys_id += 1;
         pending_keys.insert(next_keys_id);
-        let _ = job_tx.send(Job::Keys { id: next_keys_id, keys: pending_rereads });
+        let _ = job_tx.send(Job::Keys {
+            id: next_keys_id,
+            keys: pending_rereads,
+        });
     }
 
     let mut ap = Applier {
@@ -569,7 +763,9 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
         if control_check.elapsed() > Duration::from_millis(500) {
             control_check = Instant::now();
             read_controls(&control, &spec.name, &shared).await;
-            let lag = oldest_unapplied.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+            let lag = oldest_unapplied
+                .map(|t| t.elapsed().as_millis() as u64)
+                .unwrap_or(0);
             shared.apply_lag_ms.store(lag, Ordering::Relaxed);
         }
         if last_report.elapsed() > Duration::from_secs(5) {
@@ -585,7 +781,10 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
         for k in std::mem::take(&mut ap.new_rereads).chunks(1000) {
             next_keys_id += 1;
             pending_keys.insert(next_keys_id);
-            let _ = job_tx.send(Job::Keys { id: next_keys_id, keys: k.to_vec() });
+            let _ = job_tx.send(Job::Keys {
+                id: next_keys_id,
+                keys: k.to_vec(),
+            });
         }
         let event = tokio::select! {
             biased;
@@ -604,11 +803,21 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                     ap.flush(&stream).await?;
                     oldest_unapplied = None;
                 }
-                if copy_state.done && txn.is_none() && ap.is_empty() && sync_sent.is_none() && ready.is_empty() && pending_keys.is_empty() {
+                if copy_state.done
+                    && txn.is_none()
+                    && ap.is_empty()
+                    && sync_sent.is_none()
+                    && ready.is_empty()
+                    && pending_keys.is_empty()
+                {
                     sync_seq += 1;
-                    emit_watermark(&src, MESSAGE_PREFIX, &format!("sync:{}:{epoch}:{sync_seq}", spec.name))
-                        .await
-                        .map_err(|e| copy_err("emitting a sync marker", e))?;
+                    emit_watermark(
+                        &src,
+                        MESSAGE_PREFIX,
+                        &format!("sync:{}:{epoch}:{sync_seq}", spec.name),
+                    )
+                    .await
+                    .map_err(|e| copy_err("emitting a sync marker", e))?;
                     sync_sent = Some(sync_seq);
                 }
                 continue;
@@ -617,11 +826,19 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
             Ok(Some(Err(e))) => return Err(repl_err("reading the stream", e)),
             Ok(Some(Ok(ev))) => ev,
         };
-        let ReplicationEvent::XLogData { data, .. } = event else { continue };
-        let msg = decoder.decode(&data).map_err(|e| RunError::Fatal(format!("decoding the change stream: {e}")))?;
+        let ReplicationEvent::XLogData { data, .. } = event else {
+            continue;
+        };
+        let msg = decoder
+            .decode(&data)
+            .map_err(|e| RunError::Fatal(format!("decoding the change stream: {e}")))?;
         match msg {
             LogicalMessage::Begin { xid, .. } => {
-                txn = Some(Txn { xid, changes: Vec::new(), keys: Vec::new() });
+                txn = Some(Txn {
+                    xid,
+                    changes: Vec::new(),
+                    keys: Vec::new(),
+                });
             }
             LogicalMessage::Relation { body, .. } if body.oid == prepared.source_oid => {
                 if let Some(why) = shape_changed(&body, &prepared.source_columns) {
@@ -641,7 +858,9 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                     t.changes.push(Change::Upsert { new });
                 }
             }
-            LogicalMessage::Update { relation, old, new, .. } if relation == prepared.source_oid => {
+            LogicalMessage::Update {
+                relation, old, new, ..
+            } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     t.keys.push(key_of(&prepared, &new)?);
                     match old {
@@ -653,13 +872,19 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                     }
                 }
             }
-            LogicalMessage::Delete { relation, old: (_, old), .. } if relation == prepared.source_oid => {
+            LogicalMessage::Delete {
+                relation,
+                old: (_, old),
+                ..
+            } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     t.keys.push(key_of(&prepared, &old)?);
                     t.changes.push(Change::Delete { old });
                 }
             }
-            LogicalMessage::Truncate { relations, .. } if relations.contains(&prepared.source_oid) => {
+            LogicalMessage::Truncate { relations, .. }
+                if relations.contains(&prepared.source_oid) =>
+            {
                 ap.flush(&stream).await?;
                 let msg = format!(
                     "the source table {} was TRUNCATEd mid-migration; shadowmig paused at LSN {last_end} without applying it (the shadow table still holds the old rows). \
@@ -684,9 +909,13 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                     oldest_unapplied = None;
                 }
             }
-            LogicalMessage::Message { prefix, content, .. } if prefix == MESSAGE_PREFIX => {
+            LogicalMessage::Message {
+                prefix, content, ..
+            } if prefix == MESSAGE_PREFIX => {
                 let text = String::from_utf8_lossy(&content).into_owned();
-                let Some((kind, id)) = parse_marker(&text, &spec.name, epoch) else { continue };
+                let Some((kind, id)) = parse_marker(&text, &spec.name, epoch) else {
+                    continue;
+                };
                 match kind {
                     "lw" => tracker.on_low(id),
                     "hw" => {
@@ -696,10 +925,14 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                                 Some(c) => {
                                     ready.insert(c.job.id(), c);
                                 }
-                                None => return Err(RunError::Connection("the backfill stopped".into())),
+                                None => {
+                                    return Err(RunError::Connection("the backfill stopped".into()))
+                                }
                             }
                         }
-                        let Some(chunk) = ready.remove(&id) else { continue };
+                        let Some(chunk) = ready.remove(&id) else {
+                            continue;
+                        };
                         match tracker.on_high(id, &chunk.snapshot) {
                             HighOutcome::Retry { xid } => {
                                 tracing::info!(chunk = id, xid, "a transaction that committed just before the chunk's low watermark was invisible to its snapshot: reading the chunk again");
@@ -710,7 +943,10 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                                 let lsn = ap.batch_lsn.unwrap_or(last_end);
                                 let mut n = 0i64;
                                 for row in chunk.rows {
-                                    let k = prepared.copy_source.key_of(&row).map_err(|e| RunError::Fatal(e.to_string()))?;
+                                    let k = prepared
+                                        .copy_source
+                                        .key_of(&row)
+                                        .map_err(|e| RunError::Fatal(e.to_string()))?;
                                     if !touched.contains(&k) {
                                         ap.push(lsn, Change::Upsert { new: row });
                                         n += 1;
@@ -734,7 +970,10 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                                         }
                                         ap.batch_copy = Some(copy_state.clone());
                                         if copy_state.done {
-                                            tracing::info!(rows = copy_state.rows_copied, "backfill done");
+                                            tracing::info!(
+                                                rows = copy_state.rows_copied,
+                                                "backfill done"
+                                            );
                                         }
                                     }
                                 }
@@ -751,7 +990,10 @@ async fn run_once(spec: &Spec, opts: &RunOptions, shutdown: &mut watch::Receiver
                             ap.flush(&stream).await?;
                             oldest_unapplied = None;
                         }
-                        let idle = ap.is_empty() && ready.is_empty() && pending_keys.is_empty() && ap.new_rereads.is_empty();
+                        let idle = ap.is_empty()
+                            && ready.is_empty()
+                            && pending_keys.is_empty()
+                            && ap.new_rereads.is_empty();
                         if copy_state.done && idle {
                             if !caught_up_logged {
                                 caught_up_logged = true;
@@ -813,16 +1055,32 @@ fn parse_marker<'a>(text: &'a str, migration: &str, epoch: u64) -> Option<(&'a s
 
 /// Why a `Relation` message no longer matches the shape `run` prepared for, if it does not.
 fn shape_changed(body: &RelationBody, expected: &[catalog::Column]) -> Option<String> {
-    let got: Vec<(&str, u32)> = body.columns.iter().map(|c| (c.name.as_str(), c.type_oid)).collect();
-    let want: Vec<(&str, u32)> = expected.iter().map(|c| (c.name.as_str(), c.type_oid)).collect();
+    let got: Vec<(&str, u32)> = body
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_oid))
+        .collect();
+    let want: Vec<(&str, u32)> = expected
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_oid))
+        .collect();
     if got == want {
         return None;
     }
     let names = |v: &[(&str, u32)]| v.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
-    Some(format!("columns were [{}], now [{}]", names(&want), names(&got)))
+    Some(format!(
+        "columns were [{}], now [{}]",
+        names(&want),
+        names(&got)
+    ))
 }
 
-async fn pause(tgt: &Client, spec: &Spec, msg: String, stream: crate::replication::LogicalStream) -> Result<Outcome, RunError> {
+async fn pause(
+    tgt: &Client,
+    spec: &Spec,
+    msg: String,
+    stream: crate::replication::LogicalStream,
+) -> Result<Outcome, RunError> {
     let _ = state::set_last_error(tgt, &spec.name, Some(&msg)).await;
     let _ = state::set_stage(tgt, &spec.name, "paused").await;
     let _ = stream.send_status_now().await;
@@ -831,7 +1089,9 @@ async fn pause(tgt: &Client, spec: &Spec, msg: String, stream: crate::replicatio
 }
 
 async fn read_controls(c: &Client, name: &str, shared: &Shared) {
-    let Ok(Some(m)) = state::read_migration(c, name).await else { return };
+    let Ok(Some(m)) = state::read_migration(c, name).await else {
+        return;
+    };
     shared.paused.store(m.paused, Ordering::Relaxed);
     if let Some(v) = m.chunk_rows.filter(|v| *v > 0) {
         shared.chunk_rows.store(v as u64, Ordering::Relaxed);
@@ -921,12 +1181,18 @@ async fn copier(
                 if hi.is_none() {
                     planned_all = true;
                 }
-                let job = Job::Range { id, lo: lo.clone(), hi: hi.clone() };
+                let job = Job::Range {
+                    id,
+                    lo: lo.clone(),
+                    hi: hi.clone(),
+                };
                 lo = hi;
                 job
             }
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let client = worker_clients[rr % workers].clone();
         rr += 1;
         let source = source.clone();
@@ -935,7 +1201,17 @@ async fn copier(
         let job_tx = job_tx.clone();
         tokio::spawn(async move {
             let mut c = client.lock().await;
-            if let Err(e) = read_job(&mut c, &source, &name, epoch, job.clone(), permit, &chunk_tx).await {
+            if let Err(e) = read_job(
+                &mut c,
+                &source,
+                &name,
+                epoch,
+                job.clone(),
+                permit,
+                &chunk_tx,
+            )
+            .await
+            {
                 tracing::warn!("backfill: {e}; retrying the chunk");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = job_tx.send(job);
@@ -956,10 +1232,19 @@ async fn read_job(
     let id = job.id();
     emit_watermark(client, MESSAGE_PREFIX, &format!("lw:{name}:{epoch}:{id}")).await?;
     let chunk = match &job {
-        Job::Range { lo, hi, .. } => source.read_chunk(client, lo.as_ref(), hi.as_ref(), None).await?,
+        Job::Range { lo, hi, .. } => {
+            source
+                .read_chunk(client, lo.as_ref(), hi.as_ref(), None)
+                .await?
+        }
         Job::Keys { keys, .. } => source.read_keys(client, keys).await?,
     };
-    let ready = ReadyChunk { job, rows: chunk.rows, snapshot: chunk.snapshot, _permit: permit };
+    let ready = ReadyChunk {
+        job,
+        rows: chunk.rows,
+        snapshot: chunk.snapshot,
+        _permit: permit,
+    };
     if chunk_tx.send(ready).await.is_err() {
         return Ok(());
     }
