@@ -473,7 +473,37 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     .map_err(pq("set timeouts"))?;
     let mut target: Option<TargetInfo> = None;
     let existing = catalog::table_oid(&tx, tgt_table).await?;
+    // A target this migration created in an earlier `run` is being resumed, not clobbered.
+    let created_by_us = match existing {
+        Some(_) => {
+            tx.query_opt(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'shadowmig' AND c.relname = 'migrations'",
+                &[],
+            )
+            .await
+            .map_err(pq("looking for the state tables"))?
+            .is_some()
+                && tx
+                    .query_opt(
+                        "SELECT 1 FROM shadowmig.migrations m WHERE m.name = $1 \
+                     AND coalesce((to_jsonb(m) ->> 'created_target')::boolean, false)",
+                        &[&spec.name],
+                    )
+                    .await
+                    .map_err(pq("reading the migration's state"))?
+                    .is_some()
+        }
+        None => false,
+    };
     let tgt_oid = match (&spec.target.create, existing) {
+        (Some(_), Some(oid)) if created_by_us => {
+            ck.ok(
+                TARGET_TABLE,
+                format!("{tgt_table} exists: this migration created it in an earlier run, which `run` resumes"),
+            );
+            Some(oid)
+        }
         (Some(_), Some(_)) => {
             ck.fail(
                 TARGET_TABLE,

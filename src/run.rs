@@ -29,7 +29,7 @@ use crate::replication::{
     PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent, SnapshotAction,
     StreamConfig,
 };
-use crate::spec::{quote_ident, Spec};
+use crate::spec::{quote_ident, quote_literal, Spec};
 use crate::state::{self, ChunkProgress, Direction};
 
 /// The prefix of shadowmig's logical messages (watermarks and sync markers).
@@ -384,13 +384,13 @@ pub async fn set_up(
                 spec.target.table.quoted()
             ))
         })?;
-        ddl_with_retries(tgt, create, lt).await?;
-        tgt.execute(
-            "UPDATE shadowmig.migrations SET created_target = true WHERE name = $1",
-            &[&spec.name],
-        )
-        .await
-        .map_err(|e| pg_err("recording the target's creation", e))?;
+        // One transaction: a crash can never leave a table we created but did not record
+        // (abort would then not know to drop it, and plan would refuse to resume).
+        let sql = format!(
+            "{create};\nUPDATE shadowmig.migrations SET created_target = true WHERE name = {}",
+            quote_literal(&spec.name)
+        );
+        ddl_with_retries(tgt, &sql, lt).await?;
         tracing::info!(table = %spec.target.table.quoted(), "created the target table");
     }
     Ok(())

@@ -1,0 +1,461 @@
+//! The migration engine end to end: `shadowmig run` as a child process against real
+//! PostgreSQL, under concurrent writes and kill -9, checked by an independent SQL comparison.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shadowmig::testpg::{self, TestCluster};
+
+fn write_spec(dir: &tempfile::TempDir, name: &str, url: &str, chunk_rows: u64) -> PathBuf {
+    let target = common::ORDERS_TARGET.replace(
+        "CREATE TABLE public.orders_v2 (",
+        "CREATE TABLE public.orders_v2 (",
+    );
+    let spec = format!(
+        r#"name = "{name}"
+[source]
+url = "{url}"
+table = "public.orders"
+[target]
+table = "public.orders_v2"
+create = """{target}"""
+[transform]
+total_amount_minor = "total_amount::bigint"
+currency = "'USD'"
+[copy]
+chunk_rows = {chunk_rows}
+workers = 2
+"#
+    );
+    let path = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+fn shadowmig(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shadowmig"));
+    c.args(args).env("SHADOWMIG_LOG", "info");
+    c
+}
+
+/// Runs `run --exit-when-caught-up` to completion; panics with its stderr on failure.
+fn run_to_catch_up(spec: &PathBuf) {
+    let out = shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "run failed ({:?}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn spawn_run(spec: &PathBuf, log: &std::path::Path) -> Child {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    shadowmig(&["run", spec.to_str().unwrap()])
+        .env("SHADOWMIG_LOG", "shadowmig=debug")
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .unwrap()
+}
+
+fn setup(c: &TestCluster, db: &str, rows: u64) {
+    c.psql(db, common::ORDERS_SOURCE).unwrap();
+    c.psql(db, &common::orders_seed_sql(rows)).unwrap();
+}
+
+#[test]
+fn orders_backfill_alone_matches() {
+    let (c, db) = testpg::fresh_db("engine_backfill").unwrap();
+    setup(c, &db, 3000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "orders_backfill", &c.url(&db), 400);
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+    // A second run resumes (nothing to copy) and still matches.
+    c.psql(&db, "UPDATE orders SET status = 'late' WHERE id % 7 = 0")
+        .unwrap();
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+}
+
+/// The core property: under a randomized concurrent workload with the engine killed at
+/// random points and restarted, target = transform(source) after catch-up.
+fn crash_run(seed: u64) {
+    let (c, db) = testpg::fresh_db(&format!("engine_crash_{seed}")).unwrap();
+    setup(c, &db, 4000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, &format!("crash_{seed}"), &c.url(&db), 300);
+    let log = dir.path().join("runs.log");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let url_db = db.clone();
+    let stop2 = stop.clone();
+    let workload = rt.spawn(async move {
+        let c = testpg::shared().unwrap();
+        let mut client = c.client(&url_db).await.unwrap();
+        common::orders_workload(&mut client, seed, stop2, u64::MAX).await
+    });
+    let mut rng_state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = || {
+        rng_state = rng_state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        rng_state >> 33
+    };
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let mut kills = 0;
+    while Instant::now() < deadline {
+        let mut child = spawn_run(&spec, &log);
+        std::thread::sleep(Duration::from_millis(300 + next() % 1500));
+        // SAFETY: killing our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGKILL);
+        }
+        let _ = child.wait();
+        kills += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stats = rt.block_on(workload).unwrap();
+    assert!(stats.committed > 50, "workload too small: {stats:?}");
+    run_to_catch_up(&spec);
+    let check = std::panic::catch_unwind(|| common::assert_orders_equal(c, &db));
+    if let Err(e) = check {
+        let keep =
+            std::env::temp_dir().join(format!("shadowmig-crash-{seed}-{}.log", std::process::id()));
+        let _ = std::fs::copy(&log, &keep);
+        eprintln!("run logs kept in {}", keep.display());
+        std::panic::resume_unwind(e);
+    }
+    assert!(kills >= 3);
+    eprintln!("seed {seed}: {kills} kills, {stats:?}");
+}
+
+/// Seeds to run: `SHADOWMIG_CRASH_SEEDS=a..b` soaks many (e.g. `1..200`); CI runs a few.
+fn seeds(default: std::ops::Range<u64>) -> std::ops::Range<u64> {
+    std::env::var("SHADOWMIG_CRASH_SEEDS")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once("..")?;
+            Some(a.parse().ok()?..b.parse().ok()?)
+        })
+        .unwrap_or(default)
+}
+
+#[test]
+fn concurrent_workload_with_kill_9_many_seeds() {
+    for seed in seeds(1..3) {
+        crash_run(seed);
+    }
+}
+
+/// Polls until target = transform(source) or the timeout passes.
+fn wait_equal(c: &TestCluster, db: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let (m, e) = common::diff(c, db, common::ORDERS_EXPECTED, common::ORDERS_ACTUAL);
+        if m.is_empty() && e.is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+fn sigterm(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    child.wait().unwrap()
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn sigterm_commits_and_exits_0_then_status_and_abort_leave_nothing() {
+    let (c, db) = testpg::fresh_db("engine_sigterm").unwrap();
+    setup(c, &db, 2000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "sigterm_mig", &c.url(&db), 250);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(60)),
+        "run never caught up"
+    );
+    c.psql(&db, "UPDATE orders SET status = 'after' WHERE id <= 10")
+        .unwrap();
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(30)),
+        "streaming did not apply the update"
+    );
+    let status = sigterm(&mut child);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["copy"]["done"], true, "{st}");
+    assert_eq!(st["copy"]["rows_copied"], 2000, "{st}");
+    assert_eq!(st["stage"], "source");
+    assert!(st["lag"]["apply_lsn"].as_str().unwrap().contains('/'));
+    assert!(st["lag"]["bytes"].as_i64().is_some(), "{st}");
+    assert_eq!(st["slot"]["exists"], true);
+    assert_eq!(st["slot"]["active"], false);
+    for field in ["verify", "routing"] {
+        assert!(st.get(field).is_some(), "status lacks {field}: {st}");
+    }
+    let human = shadowmig(&["status", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&human.stdout).contains("rows"));
+
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        )
+        .unwrap(),
+        "0"
+    );
+    assert_eq!(
+        c.psql(&db, "SELECT count(*) FROM pg_publication").unwrap(),
+        "0"
+    );
+    assert_eq!(c.psql(&db, "SELECT to_regclass('public.orders_v2') IS NULL AND to_regnamespace('shadowmig') IS NULL").unwrap(), "t");
+    assert_eq!(
+        c.psql(&db, "SELECT count(*) FROM orders").unwrap(),
+        "2000",
+        "abort never touches the source"
+    );
+    // Abort again: idempotent.
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn abort_stops_a_running_migration_and_frees_the_slot() {
+    let (c, db) = testpg::fresh_db("engine_abort_live").unwrap();
+    setup(c, &db, 500);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "abort_live", &c.url(&db), 100);
+    let mut child = spawn_run(&spec, &dir.path().join("run.log"));
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dropped replication slot"));
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        )
+        .unwrap(),
+        "0"
+    );
+    // The run notices and ends instead of recreating anything.
+    let _ = wait_exit(&mut child, Duration::from_secs(20)).or_else(|| Some(sigterm(&mut child)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        )
+        .unwrap(),
+        "0",
+        "no orphaned slot holding WAL"
+    );
+}
+
+#[test]
+fn source_ddl_mid_run_pauses_with_a_message_and_loses_nothing() {
+    let (c, db) = testpg::fresh_db("engine_ddl").unwrap();
+    setup(c, &db, 800);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "ddl_mid", &c.url(&db), 200);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    c.psql(&db, "UPDATE orders SET status = 'before-ddl' WHERE id = 1")
+        .unwrap();
+    c.psql(&db, "ALTER TABLE orders ADD COLUMN priority int")
+        .unwrap();
+    c.psql(
+        &db,
+        "UPDATE orders SET status = 'after-ddl', priority = 1 WHERE id = 2",
+    )
+    .unwrap();
+    let st = wait_exit(&mut child, Duration::from_secs(30)).expect("run did not pause");
+    assert_eq!(st.code(), Some(3), "paused exit code");
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        err.contains("changed shape") && err.contains("priority"),
+        "{err}"
+    );
+    assert_eq!(
+        c.psql(&db, "SELECT status FROM orders_v2 WHERE id = 1")
+            .unwrap(),
+        "before-ddl",
+        "changes before the DDL are applied"
+    );
+    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let stj: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        stj["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("changed shape"),
+        "{stj}"
+    );
+    // The operator looks, decides the new column need not move, and runs again: it goes on.
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+}
+
+#[test]
+fn source_truncate_mid_run_pauses_and_abort_cleans_up() {
+    let (c, db) = testpg::fresh_db("engine_truncate").unwrap();
+    setup(c, &db, 300);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "trunc_mid", &c.url(&db), 100);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    c.psql(&db, "TRUNCATE orders").unwrap();
+    let st = wait_exit(&mut child, Duration::from_secs(30)).expect("run did not pause");
+    assert_eq!(st.code(), Some(3));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(err.contains("TRUNCATE") && err.contains("abort"), "{err}");
+    assert_eq!(
+        c.psql(&db, "SELECT count(*) FROM orders_v2").unwrap(),
+        "300",
+        "the shadow table is left as it was"
+    );
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        )
+        .unwrap(),
+        "0"
+    );
+}
+
+#[test]
+fn a_source_restart_during_streaming_is_survived() {
+    let c = TestCluster::start(&shadowmig::testpg::ClusterConfig::default()).unwrap();
+    let db = c.create_database("restart").unwrap();
+    setup(&c, &db, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "restart_mid", &c.url(&db), 200);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(wait_equal(&c, &db, Duration::from_secs(60)));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, stop2) = (c.url(&db), stop.clone());
+    let workload = rt.spawn(async move {
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        common::orders_workload(&mut client, 77, stop2, 300).await
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    c.restart_fast().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let _ = rt.block_on(workload);
+    // More writes after the restart, on a new connection.
+    c.psql(
+        &db,
+        "UPDATE orders SET status = 'post-restart' WHERE id % 5 = 0",
+    )
+    .unwrap();
+    assert!(
+        wait_equal(&c, &db, Duration::from_secs(90)),
+        "run did not resume after the restart:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "run must survive a source restart"
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("reconnecting"), "{log}");
+}
+
+#[test]
+fn bad_input_to_run_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\n[source]\nurl = \"postgres://u:pw-secret@127.0.0.1:1/db\"\ntable = \"t\"\n[copy]\nchunk_rows = -5\n").unwrap();
+    let out = shadowmig(&["run", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chunk_rows"), "{err}");
+    assert!(!err.contains("pw-secret"));
+
+    let (c, db) = testpg::fresh_db("engine_badinput").unwrap();
+    let spec = write_spec(&dir, "no_source", &c.url(&db), 100);
+    let out = shadowmig(&["run", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("preflight") && err.contains("orders"), "{err}");
+    assert!(!err.contains("panicked"));
+}
