@@ -854,6 +854,26 @@ async fn bad_batches_are_errors_and_roll_back() {
         .await
         .unwrap();
     assert_eq!(c.psql(&db, "SELECT id, v IS NULL FROM dst").unwrap(), "9|t");
+    // A progress LSN below the batch's changes, or changes out of order, are refused.
+    let row = |id: u8| {
+        TupleData(vec![
+            TupleValue::Binary(Bytes::from(vec![0, 0, 0, id])),
+            TupleValue::Null,
+        ])
+    };
+    let e = w
+        .apply_batch(&mut cl, &upserts(9, vec![row(1)]), Lsn(8))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("below the batch's last change"),
+        "{e}"
+    );
+    let mut twisted = upserts(9, vec![row(1)]);
+    twisted.extend(upserts(8, vec![row(2)]));
+    let e = w.apply_batch(&mut cl, &twisted, Lsn(9)).await.unwrap_err();
+    assert!(e.to_string().contains("out of stream order"), "{e}");
+    assert_eq!(w.committed_lsn(&cl).await.unwrap(), Some(Lsn(3)));
     // Invalid targets are refused up front.
     let mut t = copy_target("public", "dst", &cols, &["id"]);
     t.target_key = vec!["missing".into()];
@@ -944,6 +964,16 @@ async fn state_tables_are_idempotent_and_droppable() {
 /// target must equal the source.
 #[tokio::test]
 async fn random_workload_matches_source_at_every_batch_boundary() {
+    random_workload(false).await;
+}
+
+/// The same with a stream in text form (no `binary` option).
+#[tokio::test]
+async fn random_text_workload_matches_source_at_every_batch_boundary() {
+    random_workload(true).await;
+}
+
+async fn random_workload(text: bool) {
     use rand::{Rng, SeedableRng};
     let ddl = r#"
     CREATE TABLE src (id int PRIMARY KEY, a int, big text);
@@ -983,7 +1013,7 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
                 .await
                 .unwrap();
                 live.push(id);
-                let new = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                let new = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                 batch.push(ch(lsn, Change::Upsert { new }));
                 continue;
             }
@@ -1003,14 +1033,14 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
                             .await
                             .unwrap();
                     }
-                    let mut new = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                    let mut new = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                     if !touch_big {
                         new.0[2] = TupleValue::UnchangedToast;
                     }
                     batch.push(ch(lsn, Change::Upsert { new }));
                 }
                 3 => {
-                    let old = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                    let old = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                     cl.execute("DELETE FROM src WHERE id = $1", &[&id])
                         .await
                         .unwrap();
@@ -1027,13 +1057,13 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
                     if live.contains(&to) {
                         continue;
                     }
-                    let old = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                    let old = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                     cl.execute("UPDATE src SET id = $2 WHERE id = $1", &[&id, &to])
                         .await
                         .unwrap();
                     live.retain(|&x| x != id);
                     live.push(to);
-                    let mut new = tuples(&cl, "src", &cols, &row(to), false).await.remove(0);
+                    let mut new = tuples(&cl, "src", &cols, &row(to), text).await.remove(0);
                     new.0[2] = TupleValue::UnchangedToast;
                     let full = rng.gen_bool(0.5);
                     batch.push(ch(
@@ -1055,11 +1085,12 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
         // The caller's side of the contract: re-read what apply could not resolve.
         let mut fix = Vec::new();
         for k in &s.needs_reread {
-            let TupleValue::Binary(b) = &k.0[0] else {
-                panic!("key not binary")
+            let id: i32 = match &k.0[0] {
+                TupleValue::Binary(b) => i32::from_be_bytes(b[..].try_into().unwrap()),
+                TupleValue::Text(b) => std::str::from_utf8(b).unwrap().parse().unwrap(),
+                other => panic!("bad key {other:?}"),
             };
-            let id = i32::from_be_bytes(b[..].try_into().unwrap());
-            match tuples(&cl, "src", &cols, &format!("id = {id}"), false)
+            match tuples(&cl, "src", &cols, &format!("id = {id}"), text)
                 .await
                 .pop()
             {

@@ -157,6 +157,19 @@ impl ApplyWriter {
         lsn: Lsn,
     ) -> Result<ApplyStats, ApplyError> {
         let start = Instant::now();
+        if let Some(w) = changes.windows(2).find(|w| w[1].lsn < w[0].lsn) {
+            return Err(ApplyError::InvalidBatch(format!(
+                "changes out of stream order: {} after {}",
+                w[1].lsn, w[0].lsn
+            )));
+        }
+        if let Some(last) = changes.last().filter(|c| c.lsn > lsn) {
+            // Progress below an applied change would replay it after later batches on restart.
+            return Err(ApplyError::InvalidBatch(format!(
+                "progress LSN {lsn} is below the batch's last change at {}",
+                last.lsn
+            )));
+        }
         let net = coalesce(&self.plan.identity, changes)?;
         let mut stats = ApplyStats {
             changes: changes.len(),
