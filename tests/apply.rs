@@ -1105,3 +1105,62 @@ async fn random_workload(text: bool) {
     assert!(rereads > 0, "the workload should exercise re-reads");
     assert_eq!(w.committed_lsn(&cl).await.unwrap(), Some(Lsn(lsn)));
 }
+
+/// A backfill chunk and its checkpoint commit together, or neither does.
+#[tokio::test]
+async fn chunk_rows_and_their_checkpoint_share_the_transaction() {
+    let (c, db, mut cl) = setup("apply_chunk", SIMPLE).await;
+    c.psql(
+        &db,
+        "INSERT INTO src SELECT g, 'v' || g FROM generate_series(1, 30) g",
+    )
+    .unwrap();
+    let cols = source_columns(&cl, "src", &["id"]).await;
+    let mut w = ApplyWriter::new(
+        copy_target("public", "dst", &cols, &["id"]),
+        progress("chunk"),
+    )
+    .unwrap();
+    let rows = tuples(&cl, "src", &cols, "id <= 20", false).await;
+    let checkpoint = state::ChunkProgress {
+        chunk: 0,
+        last_key: Some(vec![Some("20".into())]),
+        rows_copied: 20,
+        done: true,
+    };
+    {
+        let tx = cl.transaction().await.unwrap();
+        w.write_batch(&tx, &upserts(50, rows.clone()), Lsn(50))
+            .await
+            .unwrap();
+        state::write_copy_progress(&tx, "chunk", &checkpoint)
+            .await
+            .unwrap();
+        // Crash before commit.
+    }
+    assert_eq!(c.psql(&db, "SELECT count(*) FROM dst").unwrap(), "0");
+    assert!(state::read_copy_progress(&cl, "chunk")
+        .await
+        .unwrap()
+        .is_empty());
+    let tx = cl.transaction().await.unwrap();
+    w.write_batch(&tx, &upserts(50, rows), Lsn(50))
+        .await
+        .unwrap();
+    state::write_copy_progress(&tx, "chunk", &checkpoint)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    w.batch_committed();
+    assert_eq!(c.psql(&db, "SELECT count(*) FROM dst").unwrap(), "20");
+    assert_eq!(
+        state::read_copy_progress(&cl, "chunk").await.unwrap(),
+        vec![checkpoint]
+    );
+    // The next batch reuses the stage created in the committed transaction.
+    let rest = tuples(&cl, "src", &cols, "id > 20", false).await;
+    w.apply_batch(&mut cl, &upserts(60, rest), Lsn(60))
+        .await
+        .unwrap();
+    same(c, &db, "src", "dst", "id");
+}
