@@ -1164,3 +1164,69 @@ async fn chunk_rows_and_their_checkpoint_share_the_transaction() {
         .unwrap();
     same(c, &db, "src", "dst", "id");
 }
+
+/// REPLICA IDENTITY FULL: updates carry the whole old row (`O`), so the coalescing key can be
+/// the columns the target key needs even though the source's primary key is `id` alone.
+#[tokio::test]
+async fn full_identity_old_rows_move_partitions_and_delete() {
+    let ddl = ORDERS.replace(
+        "ALTER TABLE orders REPLICA IDENTITY USING INDEX orders_customer_id_id;",
+        "ALTER TABLE orders REPLICA IDENTITY FULL;",
+    );
+    let (c, db, mut cl) = setup("apply_full", &ddl).await;
+    let cols = source_columns(&cl, "orders", &["customer_id", "id"]).await;
+    let mut w = ApplyWriter::new(orders_target(&cols), progress("full")).unwrap();
+    let rows = tuples(&cl, "orders", &cols, "true", false).await;
+    w.apply_batch(&mut cl, &upserts(1, rows), Lsn(1))
+        .await
+        .unwrap();
+
+    let mut batch = Vec::new();
+    // Every update under FULL comes with its old row: a plain one (same key) and a
+    // partition-moving one, then a delete by old row.
+    for (lsn, sql, filter) in [
+        (
+            2,
+            "UPDATE orders SET status = 'paid' WHERE id = 10",
+            "id = 10",
+        ),
+        (
+            3,
+            "UPDATE orders SET customer_id = 999, status = 'moved' WHERE id = 11",
+            "id = 11",
+        ),
+        (
+            4,
+            "UPDATE orders SET total_amount = 1 WHERE id = 11",
+            "id = 11",
+        ),
+    ] {
+        let old = tuples(&cl, "orders", &cols, filter, false).await.remove(0);
+        c.psql(&db, sql).unwrap();
+        let new = tuples(&cl, "orders", &cols, filter, false).await.remove(0);
+        batch.push(ch(
+            lsn,
+            Change::KeyChange {
+                old,
+                old_kind: OldKind::Full,
+                new,
+            },
+        ));
+    }
+    let old = tuples(&cl, "orders", &cols, "id = 12", false)
+        .await
+        .remove(0);
+    c.psql(&db, "DELETE FROM orders WHERE id = 12").unwrap();
+    batch.push(ch(5, Change::Delete { old }));
+    let s = w.apply_batch(&mut cl, &batch, Lsn(5)).await.unwrap();
+    assert_eq!(s.deleted, 2, "the moved row's old key and the deleted row");
+    orders_agree(c, &db);
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT customer_id, status FROM orders_v2 WHERE id = 11"
+        )
+        .unwrap(),
+        "999|moved"
+    );
+}
