@@ -854,6 +854,26 @@ async fn bad_batches_are_errors_and_roll_back() {
         .await
         .unwrap();
     assert_eq!(c.psql(&db, "SELECT id, v IS NULL FROM dst").unwrap(), "9|t");
+    // A progress LSN below the batch's changes, or changes out of order, are refused.
+    let row = |id: u8| {
+        TupleData(vec![
+            TupleValue::Binary(Bytes::from(vec![0, 0, 0, id])),
+            TupleValue::Null,
+        ])
+    };
+    let e = w
+        .apply_batch(&mut cl, &upserts(9, vec![row(1)]), Lsn(8))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("below the batch's last change"),
+        "{e}"
+    );
+    let mut twisted = upserts(9, vec![row(1)]);
+    twisted.extend(upserts(8, vec![row(2)]));
+    let e = w.apply_batch(&mut cl, &twisted, Lsn(9)).await.unwrap_err();
+    assert!(e.to_string().contains("out of stream order"), "{e}");
+    assert_eq!(w.committed_lsn(&cl).await.unwrap(), Some(Lsn(3)));
     // Invalid targets are refused up front.
     let mut t = copy_target("public", "dst", &cols, &["id"]);
     t.target_key = vec!["missing".into()];
@@ -944,6 +964,16 @@ async fn state_tables_are_idempotent_and_droppable() {
 /// target must equal the source.
 #[tokio::test]
 async fn random_workload_matches_source_at_every_batch_boundary() {
+    random_workload(false).await;
+}
+
+/// The same with a stream in text form (no `binary` option).
+#[tokio::test]
+async fn random_text_workload_matches_source_at_every_batch_boundary() {
+    random_workload(true).await;
+}
+
+async fn random_workload(text: bool) {
     use rand::{Rng, SeedableRng};
     let ddl = r#"
     CREATE TABLE src (id int PRIMARY KEY, a int, big text);
@@ -983,7 +1013,7 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
                 .await
                 .unwrap();
                 live.push(id);
-                let new = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                let new = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                 batch.push(ch(lsn, Change::Upsert { new }));
                 continue;
             }
@@ -1003,14 +1033,14 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
                             .await
                             .unwrap();
                     }
-                    let mut new = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                    let mut new = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                     if !touch_big {
                         new.0[2] = TupleValue::UnchangedToast;
                     }
                     batch.push(ch(lsn, Change::Upsert { new }));
                 }
                 3 => {
-                    let old = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                    let old = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                     cl.execute("DELETE FROM src WHERE id = $1", &[&id])
                         .await
                         .unwrap();
@@ -1027,13 +1057,13 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
                     if live.contains(&to) {
                         continue;
                     }
-                    let old = tuples(&cl, "src", &cols, &row(id), false).await.remove(0);
+                    let old = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
                     cl.execute("UPDATE src SET id = $2 WHERE id = $1", &[&id, &to])
                         .await
                         .unwrap();
                     live.retain(|&x| x != id);
                     live.push(to);
-                    let mut new = tuples(&cl, "src", &cols, &row(to), false).await.remove(0);
+                    let mut new = tuples(&cl, "src", &cols, &row(to), text).await.remove(0);
                     new.0[2] = TupleValue::UnchangedToast;
                     let full = rng.gen_bool(0.5);
                     batch.push(ch(
@@ -1055,11 +1085,12 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
         // The caller's side of the contract: re-read what apply could not resolve.
         let mut fix = Vec::new();
         for k in &s.needs_reread {
-            let TupleValue::Binary(b) = &k.0[0] else {
-                panic!("key not binary")
+            let id: i32 = match &k.0[0] {
+                TupleValue::Binary(b) => i32::from_be_bytes(b[..].try_into().unwrap()),
+                TupleValue::Text(b) => std::str::from_utf8(b).unwrap().parse().unwrap(),
+                other => panic!("bad key {other:?}"),
             };
-            let id = i32::from_be_bytes(b[..].try_into().unwrap());
-            match tuples(&cl, "src", &cols, &format!("id = {id}"), false)
+            match tuples(&cl, "src", &cols, &format!("id = {id}"), text)
                 .await
                 .pop()
             {
@@ -1073,4 +1104,129 @@ async fn random_workload_matches_source_at_every_batch_boundary() {
     }
     assert!(rereads > 0, "the workload should exercise re-reads");
     assert_eq!(w.committed_lsn(&cl).await.unwrap(), Some(Lsn(lsn)));
+}
+
+/// A backfill chunk and its checkpoint commit together, or neither does.
+#[tokio::test]
+async fn chunk_rows_and_their_checkpoint_share_the_transaction() {
+    let (c, db, mut cl) = setup("apply_chunk", SIMPLE).await;
+    c.psql(
+        &db,
+        "INSERT INTO src SELECT g, 'v' || g FROM generate_series(1, 30) g",
+    )
+    .unwrap();
+    let cols = source_columns(&cl, "src", &["id"]).await;
+    let mut w = ApplyWriter::new(
+        copy_target("public", "dst", &cols, &["id"]),
+        progress("chunk"),
+    )
+    .unwrap();
+    let rows = tuples(&cl, "src", &cols, "id <= 20", false).await;
+    let checkpoint = state::ChunkProgress {
+        chunk: 0,
+        last_key: Some(vec![Some("20".into())]),
+        rows_copied: 20,
+        done: true,
+    };
+    {
+        let tx = cl.transaction().await.unwrap();
+        w.write_batch(&tx, &upserts(50, rows.clone()), Lsn(50))
+            .await
+            .unwrap();
+        state::write_copy_progress(&tx, "chunk", &checkpoint)
+            .await
+            .unwrap();
+        // Crash before commit.
+    }
+    assert_eq!(c.psql(&db, "SELECT count(*) FROM dst").unwrap(), "0");
+    assert!(state::read_copy_progress(&cl, "chunk")
+        .await
+        .unwrap()
+        .is_empty());
+    let tx = cl.transaction().await.unwrap();
+    w.write_batch(&tx, &upserts(50, rows), Lsn(50))
+        .await
+        .unwrap();
+    state::write_copy_progress(&tx, "chunk", &checkpoint)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    w.batch_committed();
+    assert_eq!(c.psql(&db, "SELECT count(*) FROM dst").unwrap(), "20");
+    assert_eq!(
+        state::read_copy_progress(&cl, "chunk").await.unwrap(),
+        vec![checkpoint]
+    );
+    // The next batch reuses the stage created in the committed transaction.
+    let rest = tuples(&cl, "src", &cols, "id > 20", false).await;
+    w.apply_batch(&mut cl, &upserts(60, rest), Lsn(60))
+        .await
+        .unwrap();
+    same(c, &db, "src", "dst", "id");
+}
+
+/// REPLICA IDENTITY FULL: updates carry the whole old row (`O`), so the coalescing key can be
+/// the columns the target key needs even though the source's primary key is `id` alone.
+#[tokio::test]
+async fn full_identity_old_rows_move_partitions_and_delete() {
+    let ddl = ORDERS.replace(
+        "ALTER TABLE orders REPLICA IDENTITY USING INDEX orders_customer_id_id;",
+        "ALTER TABLE orders REPLICA IDENTITY FULL;",
+    );
+    let (c, db, mut cl) = setup("apply_full", &ddl).await;
+    let cols = source_columns(&cl, "orders", &["customer_id", "id"]).await;
+    let mut w = ApplyWriter::new(orders_target(&cols), progress("full")).unwrap();
+    let rows = tuples(&cl, "orders", &cols, "true", false).await;
+    w.apply_batch(&mut cl, &upserts(1, rows), Lsn(1))
+        .await
+        .unwrap();
+
+    let mut batch = Vec::new();
+    // Every update under FULL comes with its old row: a plain one (same key) and a
+    // partition-moving one, then a delete by old row.
+    for (lsn, sql, filter) in [
+        (
+            2,
+            "UPDATE orders SET status = 'paid' WHERE id = 10",
+            "id = 10",
+        ),
+        (
+            3,
+            "UPDATE orders SET customer_id = 999, status = 'moved' WHERE id = 11",
+            "id = 11",
+        ),
+        (
+            4,
+            "UPDATE orders SET total_amount = 1 WHERE id = 11",
+            "id = 11",
+        ),
+    ] {
+        let old = tuples(&cl, "orders", &cols, filter, false).await.remove(0);
+        c.psql(&db, sql).unwrap();
+        let new = tuples(&cl, "orders", &cols, filter, false).await.remove(0);
+        batch.push(ch(
+            lsn,
+            Change::KeyChange {
+                old,
+                old_kind: OldKind::Full,
+                new,
+            },
+        ));
+    }
+    let old = tuples(&cl, "orders", &cols, "id = 12", false)
+        .await
+        .remove(0);
+    c.psql(&db, "DELETE FROM orders WHERE id = 12").unwrap();
+    batch.push(ch(5, Change::Delete { old }));
+    let s = w.apply_batch(&mut cl, &batch, Lsn(5)).await.unwrap();
+    assert_eq!(s.deleted, 2, "the moved row's old key and the deleted row");
+    orders_agree(c, &db);
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT customer_id, status FROM orders_v2 WHERE id = 11"
+        )
+        .unwrap(),
+        "999|moved"
+    );
 }

@@ -203,7 +203,6 @@ pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced
                 check(index, old)?;
                 check(index, new)?;
                 let old_key = key_of(index, old)?;
-                let new_key = key_of(index, new)?;
                 let mut image = new.clone();
                 let (prev, _) = before(&net, &old_key);
                 if let Some(prev) = prev {
@@ -212,12 +211,12 @@ pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced
                 if *old_kind == OldKind::Full {
                     fill_unchanged(&mut image, old);
                 }
-                let deleted = if old_key != new_key {
+                // After filling: an unchanged identity column takes the old row's value.
+                let new_key = key_of(index, &image)?;
+                if old_key != new_key {
                     put(old_key, Net::Deleted(old.clone()), &mut net);
-                    before(&net, &new_key).1
-                } else {
-                    before(&net, &new_key).1
-                };
+                }
+                let deleted = before(&net, &new_key).1;
                 put(new_key, Net::Upserted { image, deleted }, &mut net);
             }
         }

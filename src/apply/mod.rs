@@ -26,9 +26,13 @@ pub struct SourceColumn {
     /// Its type as `format_type(atttypid, atttypmod)` prints it (e.g. `numeric(12,2)`,
     /// `public.order_status`), valid in the target database.
     pub type_sql: String,
-    /// True when the column belongs to the identity changes are matched by (the replica
-    /// identity key; every column under REPLICA IDENTITY FULL). The target key must be a
-    /// function of these columns only.
+    /// True when the column belongs to the key changes are coalesced and matched by. Mark
+    /// exactly the source columns the target key is computed from (the target key must be a
+    /// function of these only; [`ApplyWriter::new`] checks it). They must be carried by every
+    /// old tuple: with REPLICA IDENTITY DEFAULT or USING INDEX they must be among the identity
+    /// columns (the `K` tuple holds nothing else); under FULL any columns qualify (the `O`
+    /// tuple holds the whole row) — do not mark every column there, or every update becomes
+    /// a delete plus an insert.
     pub is_identity: bool,
 }
 
@@ -90,6 +94,9 @@ pub enum ApplyError {
     /// The target description is unusable.
     #[error("invalid apply target: {0}")]
     InvalidTarget(String),
+    /// The batch contradicts its own progress LSN or stream order.
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
     /// The changes could not be coalesced.
     #[error(transparent)]
     Coalesce(#[from] CoalesceError),

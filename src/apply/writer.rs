@@ -135,21 +135,42 @@ impl ApplyWriter {
                 source: e,
             });
         }
-        for s in self.stages.values_mut() {
-            s.created = true;
-        }
+        self.batch_committed();
         stats.duration = start.elapsed();
+        tracing::debug!(
+            changes = stats.changes,
+            upserted = stats.upserted,
+            deleted = stats.deleted,
+            needs_reread = stats.needs_reread.len(),
+            lsn = %stats.lsn,
+            ms = stats.duration.as_millis() as u64,
+            "applied batch"
+        );
         Ok(stats)
     }
 
+    /// After a failed batch nothing about the session's stage tables is certain: re-issue
+    /// their (idempotent) CREATE before next use.
     fn forget_uncommitted(&mut self) {
-        self.stages.retain(|_, s| s.created);
+        for s in self.stages.values_mut() {
+            s.created = false;
+        }
+    }
+
+    /// Tells the writer that the caller committed a transaction [`ApplyWriter::write_batch`]
+    /// wrote into, so the stage tables it created exist (otherwise they are re-created
+    /// idempotently, which only costs a catalog lookup per batch).
+    pub fn batch_committed(&mut self) {
+        for s in self.stages.values_mut() {
+            s.created = true;
+        }
     }
 
     /// Writes a batch and its progress row into the caller's transaction without committing
-    /// it: the caller commits (or rolls back). Call it at most once per transaction (the stage
-    /// tables empty at commit). Stage tables it creates are re-created idempotently later if
-    /// that transaction rolled back.
+    /// it: the caller commits (or rolls back), e.g. after adding a backfill chunk's checkpoint
+    /// ([`crate::state::write_copy_progress`]) to the same transaction. Call it at most once per
+    /// transaction (the stage tables empty only at commit); after a commit, call
+    /// [`ApplyWriter::batch_committed`].
     pub async fn write_batch(
         &mut self,
         tx: &Transaction<'_>,
@@ -157,6 +178,19 @@ impl ApplyWriter {
         lsn: Lsn,
     ) -> Result<ApplyStats, ApplyError> {
         let start = Instant::now();
+        if let Some(w) = changes.windows(2).find(|w| w[1].lsn < w[0].lsn) {
+            return Err(ApplyError::InvalidBatch(format!(
+                "changes out of stream order: {} after {}",
+                w[1].lsn, w[0].lsn
+            )));
+        }
+        if let Some(last) = changes.last().filter(|c| c.lsn > lsn) {
+            // Progress below an applied change would replay it after later batches on restart.
+            return Err(ApplyError::InvalidBatch(format!(
+                "progress LSN {lsn} is below the batch's last change at {}",
+                last.lsn
+            )));
+        }
         let net = coalesce(&self.plan.identity, changes)?;
         let mut stats = ApplyStats {
             changes: changes.len(),
