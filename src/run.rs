@@ -186,39 +186,6 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
         .filter(|c| !c.generated)
         .collect();
     let pk = catalog::primary_key(src, source_oid).await.map_err(cat)?;
-    let identity_cols: Vec<String> = match catalog::replica_identity(src, source_oid).await.map_err(cat)? {
-        ReplicaIdentity::Default => pk.clone().ok_or_else(|| {
-            RunError::Setup("the source table has no primary key and REPLICA IDENTITY DEFAULT: run shadowmig plan for the fix".into())
-        })?,
-        ReplicaIdentity::Index { columns, .. } => columns,
-        ReplicaIdentity::Full => source_columns.iter().map(|c| c.name.clone()).collect(),
-        ReplicaIdentity::Nothing => {
-            return Err(RunError::Setup(
-                "the source table has REPLICA IDENTITY NOTHING: deletes and updates cannot be applied; run shadowmig plan for the fix".into(),
-            ))
-        }
-    };
-    // Page the backfill by the columns the stream identifies rows by, so a chunk's keys and
-    // a change's keys are comparable. Under FULL that is every column: page by the primary
-    // key instead (FULL old tuples carry it too).
-    let paging: Vec<String> = if identity_cols.len() == source_columns.len() {
-        pk.clone().ok_or_else(|| {
-            RunError::Setup(
-                "REPLICA IDENTITY FULL without a primary key: the backfill has nothing to page by"
-                    .into(),
-            )
-        })?
-    } else {
-        identity_cols.clone()
-    };
-    let pos = |name: &str| source_columns.iter().position(|c| c.name == name);
-    let key: Vec<usize> = paging
-        .iter()
-        .map(|n| {
-            pos(n).ok_or_else(|| RunError::Setup(format!("key column {n} is not a source column")))
-        })
-        .collect::<Result<_, _>>()?;
-
     let target_oid = catalog::table_oid(tgt, &spec.target.table)
         .await
         .map_err(cat)?
@@ -239,6 +206,46 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
                 spec.target.table.quoted()
             ))
         })?;
+    let has_source = |name: &str| source_columns.iter().any(|c| c.name == name);
+    let need_pk = || {
+        pk.clone().ok_or_else(|| {
+            RunError::Setup(
+                "the source table has no primary key for REPLICA IDENTITY DEFAULT or FULL: run shadowmig plan for the fix"
+                    .into(),
+            )
+        })
+    };
+    // `identity`: the columns apply matches rows by (coalescing, deletes). `paging`: the
+    // unique key the backfill pages by and watermarks compare, present in every change.
+    let (identity_cols, paging): (Vec<String>, Vec<String>) =
+        match catalog::replica_identity(src, source_oid).await.map_err(cat)? {
+            ReplicaIdentity::Default => (need_pk()?, need_pk()?),
+            ReplicaIdentity::Index { columns, .. } => (columns.clone(), columns),
+            // Under FULL every column is in the old tuple, but matching by all of them would
+            // turn each update into a delete and an insert: match by the primary key plus
+            // the same-named source columns the target key needs.
+            ReplicaIdentity::Full => {
+                let mut cols = need_pk()?;
+                for k in &target_key {
+                    if !spec.transform.contains_key(k) && has_source(k) && !cols.contains(k) {
+                        cols.push(k.clone());
+                    }
+                }
+                (cols, need_pk()?)
+            }
+            ReplicaIdentity::Nothing => {
+                return Err(RunError::Setup(
+                    "the source table has REPLICA IDENTITY NOTHING: deletes and updates cannot be applied; run shadowmig plan for the fix".into(),
+                ))
+            }
+        };
+    let pos = |name: &str| source_columns.iter().position(|c| c.name == name);
+    let key: Vec<usize> = paging
+        .iter()
+        .map(|n| {
+            pos(n).ok_or_else(|| RunError::Setup(format!("key column {n} is not a source column")))
+        })
+        .collect::<Result<_, _>>()?;
     let mut target_columns = Vec::new();
     for c in target_cols.iter().filter(|c| !c.generated) {
         if let Some(expr) = spec.transform.get(&c.name) {
@@ -618,6 +625,7 @@ impl Applier<'_> {
         tx.commit()
             .await
             .map_err(|e| pg_err("committing a batch", e))?;
+        self.writer.batch_committed();
         stream.confirm(lsn);
         self.applied += n as u64;
         self.batch.clear();

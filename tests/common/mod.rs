@@ -74,19 +74,31 @@ pub fn diff(
     expected: &str,
     actual: &str,
 ) -> (Vec<String>, Vec<String>) {
+    try_diff(c, db, expected, actual).expect("diff query")
+}
+
+/// [`diff`], or `None` when the query fails (e.g. the target does not exist yet).
+pub fn try_diff(
+    c: &shadowmig::testpg::TestCluster,
+    db: &str,
+    expected: &str,
+    actual: &str,
+) -> Option<(Vec<String>, Vec<String>)> {
     let q = |a: &str, b: &str| {
         let out = c
             .psql(
                 db,
                 &format!("SELECT x::text FROM (({a}) EXCEPT ALL ({b})) x ORDER BY 1 LIMIT 20"),
             )
-            .expect("diff query");
-        out.lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect::<Vec<_>>()
+            .ok()?;
+        Some(
+            out.lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
+        )
     };
-    (q(expected, actual), q(actual, expected))
+    Some((q(expected, actual)?, q(actual, expected)?))
 }
 
 /// Asserts target = transform(source) row for row, in both directions.
