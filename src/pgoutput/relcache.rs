@@ -363,6 +363,15 @@ impl Row {
             .map(|(_, (c, v))| (c.name.as_str(), c.type_oid, v))
     }
 
+    /// The replica identity key columns as (name, type oid, value), in relation order. For
+    /// a full row these are read from the whole tuple; for a `K` row they are all it holds.
+    pub fn key(&self) -> impl Iterator<Item = (&str, Oid, &TupleValue)> + '_ {
+        self.rel.key_columns.iter().filter_map(move |&i| {
+            let c = self.rel.body.columns.get(i)?;
+            Some((c.name.as_str(), c.type_oid, self.values.0.get(i)?))
+        })
+    }
+
     /// Number of present columns.
     pub fn len(&self) -> usize {
         if self.key_only {
@@ -506,6 +515,11 @@ mod tests {
             )
             .unwrap();
         assert_eq!(key.len(), 1);
+        assert_eq!(key.key().map(|k| k.0).collect::<Vec<_>>(), vec!["id"]);
+        assert_eq!(
+            row.key().map(|k| k.2.clone()).collect::<Vec<_>>(),
+            vec![text("1")]
+        );
         assert_eq!(key.get("Big"), None);
         assert_eq!(key.get("id"), Some(&text("1")));
         assert_eq!(
