@@ -431,6 +431,23 @@ impl Row {
         }
     }
 
+    /// The text form of column `name` as JSON: a string, or `null` for SQL NULL. `None` when
+    /// the column is absent (no such column, a non-key column of a key-only row) or its
+    /// value was not sent (unchanged TOAST).
+    pub fn value_json(&self, name: &str) -> Result<Option<Value>, RowError> {
+        let Some(i) = self.rel.column_index(name).filter(|&i| self.present(i)) else {
+            return Ok(None);
+        };
+        let (Some(c), Some(v)) = (self.rel.body.columns.get(i), self.values.0.get(i)) else {
+            return Ok(None);
+        };
+        Ok(match self.render(name, c.type_oid, v)? {
+            Rendered::Null => Some(Value::Null),
+            Rendered::UnchangedToast => None,
+            Rendered::Text(s) => Some(Value::String(s.into_owned())),
+        })
+    }
+
     /// Every present column's text form, in relation order.
     pub fn rendered(&self) -> Result<Vec<(&str, Rendered<'_>)>, RowError> {
         self.iter()
@@ -502,6 +519,10 @@ mod tests {
             .unwrap();
         assert_eq!(row.len(), 3);
         assert_eq!(row.unchanged_toast(), vec!["Big"]);
+        assert_eq!(row.value_json("Big").unwrap(), None);
+        assert_eq!(row.value_json("mood").unwrap(), Some(Value::Null));
+        assert_eq!(row.value_json("id").unwrap(), Some(Value::from("1")));
+        assert_eq!(row.value_json("nope").unwrap(), None);
         let j = row.to_json().unwrap();
         assert_eq!(
             Value::Object(j),
