@@ -653,3 +653,51 @@ fn live_capture_decodes_like_the_committed_fixtures() {
         }
     }
 }
+
+#[test]
+fn a_new_relation_message_replaces_the_shape() {
+    let d = decode_case("relation_change");
+    assert_eq!(tags(&d), "BRICBRICBRUC");
+    let shapes: Vec<(Vec<String>, ReplicaIdentity)> = d
+        .iter()
+        .filter_map(|m| match &m.msg {
+            LogicalMessage::Relation { body, .. } => Some((
+                body.columns.iter().map(|c| c.name.clone()).collect(),
+                body.replica_identity,
+            )),
+            _ => None,
+        })
+        .collect();
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        shapes,
+        vec![
+            (names(&["id", "a", "b"]), ReplicaIdentity::Default),
+            (
+                names(&["id", "a", "b", "New Col"]),
+                ReplicaIdentity::Default
+            ),
+            // Dropped columns are left out of the Relation message and of every tuple.
+            (names(&["id", "b", "New Col"]), ReplicaIdentity::Full),
+        ]
+    );
+    assert_eq!(
+        row_json(&d),
+        vec![
+            json!({"op": "I", "new": {"id": "1", "a": "a1", "b": "b1"}}),
+            json!({"op": "I", "new": {"id": "2", "a": "a2", "b": "b2", "New Col": "7"}}),
+            json!({"op": "U", "old": {"id": "2", "b": "b2", "New Col": "7"}, "old_key_only": false,
+                   "new": {"id": "2", "b": "b2x", "New Col": "7"}, "toast": []}),
+        ]
+    );
+    // A tuple of the old shape no longer fits the cache once the new Relation is seen.
+    let mut cache = RelationCache::new();
+    cache.observe(&d[1].msg);
+    let LogicalMessage::Insert { relation, new, .. } = d[2].msg.clone() else {
+        panic!()
+    };
+    cache.observe(&d[5].msg);
+    let e = cache.row(relation, new).unwrap_err();
+    assert!(e.to_string().contains("has 3 columns"), "{e}");
+    assert!(e.to_string().contains("public.t_shape"), "{e}");
+}

@@ -39,7 +39,11 @@ fuzz_target!(|data: &[u8]| {
             }
             Err(e) => {
                 assert!(!e.kind().is_empty());
-                assert!(e.offset() <= frame.len(), "{e} beyond frame of {}", frame.len());
+                assert!(
+                    e.offset() <= frame.len(),
+                    "{e} beyond frame of {}",
+                    frame.len()
+                );
                 let _ = e.to_string();
             }
         }

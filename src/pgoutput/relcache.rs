@@ -363,6 +363,15 @@ impl Row {
             .map(|(_, (c, v))| (c.name.as_str(), c.type_oid, v))
     }
 
+    /// The replica identity key columns as (name, type oid, value), in relation order. For
+    /// a full row these are read from the whole tuple; for a `K` row they are all it holds.
+    pub fn key(&self) -> impl Iterator<Item = (&str, Oid, &TupleValue)> + '_ {
+        self.rel.key_columns.iter().filter_map(move |&i| {
+            let c = self.rel.body.columns.get(i)?;
+            Some((c.name.as_str(), c.type_oid, self.values.0.get(i)?))
+        })
+    }
+
     /// Number of present columns.
     pub fn len(&self) -> usize {
         if self.key_only {
@@ -420,6 +429,23 @@ impl Row {
                     source,
                 }),
         }
+    }
+
+    /// The text form of column `name` as JSON: a string, or `null` for SQL NULL. `None` when
+    /// the column is absent (no such column, a non-key column of a key-only row) or its
+    /// value was not sent (unchanged TOAST).
+    pub fn value_json(&self, name: &str) -> Result<Option<Value>, RowError> {
+        let Some(i) = self.rel.column_index(name).filter(|&i| self.present(i)) else {
+            return Ok(None);
+        };
+        let (Some(c), Some(v)) = (self.rel.body.columns.get(i), self.values.0.get(i)) else {
+            return Ok(None);
+        };
+        Ok(match self.render(name, c.type_oid, v)? {
+            Rendered::Null => Some(Value::Null),
+            Rendered::UnchangedToast => None,
+            Rendered::Text(s) => Some(Value::String(s.into_owned())),
+        })
     }
 
     /// Every present column's text form, in relation order.
@@ -493,6 +519,10 @@ mod tests {
             .unwrap();
         assert_eq!(row.len(), 3);
         assert_eq!(row.unchanged_toast(), vec!["Big"]);
+        assert_eq!(row.value_json("Big").unwrap(), None);
+        assert_eq!(row.value_json("mood").unwrap(), Some(Value::Null));
+        assert_eq!(row.value_json("id").unwrap(), Some(Value::from("1")));
+        assert_eq!(row.value_json("nope").unwrap(), None);
         let j = row.to_json().unwrap();
         assert_eq!(
             Value::Object(j),
@@ -506,6 +536,11 @@ mod tests {
             )
             .unwrap();
         assert_eq!(key.len(), 1);
+        assert_eq!(key.key().map(|k| k.0).collect::<Vec<_>>(), vec!["id"]);
+        assert_eq!(
+            row.key().map(|k| k.2.clone()).collect::<Vec<_>>(),
+            vec![text("1")]
+        );
         assert_eq!(key.get("Big"), None);
         assert_eq!(key.get("id"), Some(&text("1")));
         assert_eq!(
