@@ -1,0 +1,1000 @@
+//! The engine end to end: `shadowmig run` (release binary) against native baselines, each
+//! scenario measured in the same run on the same throwaway durable cluster.
+//!
+//! `cargo bench --bench engine -- [backfill|drain|pgbench|all]` (default `all`).
+//!
+//! - `backfill`: `BENCH_BACKFILL_ROWS` (default 5,000,000) orders rows; `INSERT … SELECT`
+//!   (twice, before and after), native initial sync, and `run --exit-when-caught-up` for each
+//!   `[copy]` setting in `BENCH_BACKFILL_CONFIGS` (default `1x10000,2x10000,4x10000,1x50000,
+//!   2x50000,4x50000`, i.e. workers x chunk_rows).
+//! - `drain`: a backlog of `BENCH_DRAIN_CHANGES` (default 1,000,000) changes, 70 % updates by
+//!   random id and 30 % inserts, in transactions of 5, then one transaction of
+//!   `BENCH_DRAIN_LARGE` (default the same) changes, over a table of `BENCH_DRAIN_BASE`
+//!   (default 100,000) rows; `run --exit-when-caught-up` vs `pg_recvlogical --endpos` vs a
+//!   native subscription, each from the same starting point.
+//! - `pgbench`: a write mix (1 insert + 2 updates by random id per transaction) for
+//!   `BENCH_PGBENCH_SECS` (default 30) seconds with `-c 4 -j 2`, `BENCH_PGBENCH_REPS` (default
+//!   2) rounds of: alone, shadowmig streaming, a mirroring trigger, native logical replication.
+//!
+//! Every result table is checked against transform(source) with a multiset checksum (row
+//! count and the sum of a 60-bit md5 prefix of every row's text); a mismatch aborts the bench.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use shadowmig::testpg::{ClusterConfig, TestCluster};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shadowmig"))
+}
+
+struct Bench {
+    c: TestCluster,
+    dir: tempfile::TempDir,
+}
+
+impl Bench {
+    fn psql(&self, db: &str, sql: &str) -> String {
+        match self.c.psql(db, sql) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) => panic!("psql on {db} failed: {e}\nSQL: {sql}"),
+        }
+    }
+
+    /// Count and order-independent checksum of the rows of `query`.
+    fn checksum(&self, db: &str, query: &str) -> String {
+        self.psql(
+            db,
+            &format!(
+                "SELECT count(*) || ':' || coalesce(sum(('x' || substr(md5(x::text), 1, 15))::bit(60)::bigint), 0) \
+                 FROM ({query}) x"
+            ),
+        )
+    }
+
+    fn checkpoint(&self, db: &str) {
+        self.psql(db, "CHECKPOINT");
+    }
+
+    fn lsn(&self, db: &str) -> String {
+        self.psql(db, "SELECT pg_current_wal_insert_lsn()")
+    }
+
+    fn conninfo(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user={} dbname={}",
+            self.c.host(),
+            self.c.port(),
+            self.c.superuser(),
+            db
+        )
+    }
+
+    fn write_spec(&self, name: &str, db: &str, workers: u32, chunk_rows: u64) -> PathBuf {
+        let spec = format!(
+            r#"name = "{name}"
+[source]
+url = "{url}"
+table = "public.orders"
+[target]
+table = "public.orders_v2"
+create = """{target}"""
+[transform]
+total_amount_minor = "total_amount::bigint"
+currency = "'USD'"
+[copy]
+chunk_rows = {chunk_rows}
+workers = {workers}
+"#,
+            url = self.c.url(db),
+            target = common::ORDERS_TARGET
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, spec).expect("write spec");
+        path
+    }
+
+    fn abort(&self, spec: &Path) {
+        let out = Command::new(bin())
+            .args(["abort", spec.to_str().expect("utf-8 path")])
+            .env("SHADOWMIG_LOG", "warn")
+            .output()
+            .expect("run shadowmig abort");
+        assert!(
+            out.status.success(),
+            "abort failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The source table: the tests' orders shape, filled in bulk, with the keys built after
+    /// the load; 2 % of the notes are TOASTed (2,560 bytes, storage external).
+    fn make_orders(&self, db: &str, rows: u64) {
+        let t = Instant::now();
+        self.psql(
+            db,
+            &format!(
+                "CREATE SEQUENCE public.orders_id_seq;
+                 CREATE TABLE public.orders (
+                     id bigint NOT NULL DEFAULT nextval('public.orders_id_seq'),
+                     customer_id bigint NOT NULL,
+                     total_amount integer,
+                     status text NOT NULL DEFAULT 'new',
+                     note text,
+                     created_at timestamptz NOT NULL DEFAULT now());
+                 ALTER SEQUENCE public.orders_id_seq OWNED BY public.orders.id;
+                 ALTER TABLE public.orders ALTER COLUMN note SET STORAGE EXTERNAL;
+                 INSERT INTO public.orders (id, customer_id, total_amount, status, note, created_at)
+                 SELECT i, 1 + (i * 7919) % 10007, (i * 37) % 100000, (ARRAY['new','paid','shipped'])[1 + i % 3],
+                        CASE WHEN i % 50 = 0 THEN repeat(md5(i::text), 80) WHEN i % 10 = 1 THEN NULL ELSE 'n' || i END,
+                        '2024-01-01 00:00:00+00'::timestamptz + i * interval '1 second'
+                 FROM generate_series(1, {rows}) AS i;
+                 SELECT setval('public.orders_id_seq', {rows});
+                 ALTER TABLE public.orders ADD PRIMARY KEY (id);
+                 CREATE UNIQUE INDEX orders_id_customer ON public.orders (id, customer_id);
+                 ALTER TABLE public.orders REPLICA IDENTITY USING INDEX orders_id_customer;"
+            ),
+        );
+        self.psql(db, "VACUUM ANALYZE public.orders");
+        self.checkpoint(db);
+        println!(
+            "  generated {rows} orders rows in {:.1} s (size {})",
+            t.elapsed().as_secs_f64(),
+            self.psql(
+                db,
+                "SELECT pg_size_pretty(pg_total_relation_size('public.orders'))"
+            )
+        );
+    }
+
+    /// A database holding a table native logical replication can fill: same name and column
+    /// types as the source (native LR cannot transform), but the target's key
+    /// (customer_id, id) and its hash partitioning.
+    fn make_native_target(&self, prefix: &str) -> String {
+        let db = self.c.create_database(prefix).expect("create database");
+        self.psql(
+            &db,
+            "CREATE TABLE public.orders (
+                 id bigint NOT NULL,
+                 customer_id bigint NOT NULL,
+                 total_amount integer,
+                 status text NOT NULL,
+                 note text,
+                 created_at timestamptz NOT NULL,
+                 PRIMARY KEY (customer_id, id)
+             ) PARTITION BY HASH (customer_id);
+             CREATE TABLE public.orders_p0 PARTITION OF public.orders FOR VALUES WITH (MODULUS 4, REMAINDER 0);
+             CREATE TABLE public.orders_p1 PARTITION OF public.orders FOR VALUES WITH (MODULUS 4, REMAINDER 1);
+             CREATE TABLE public.orders_p2 PARTITION OF public.orders FOR VALUES WITH (MODULUS 4, REMAINDER 2);
+             CREATE TABLE public.orders_p3 PARTITION OF public.orders FOR VALUES WITH (MODULUS 4, REMAINDER 3);",
+        );
+        db
+    }
+
+    /// Publication + slot on `src`, subscription in `dst` (slot made beforehand: creating it
+    /// from CREATE SUBSCRIPTION in the same cluster would wait for itself).
+    fn native_subscribe(&self, src: &str, dst: &str, name: &str, copy_data: bool, enabled: bool) {
+        self.psql(
+            src,
+            &format!("CREATE PUBLICATION {name} FOR TABLE public.orders"),
+        );
+        self.psql(
+            src,
+            &format!("SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"),
+        );
+        self.psql(
+            dst,
+            &format!(
+                "CREATE SUBSCRIPTION {name} CONNECTION '{}' PUBLICATION {name} \
+                 WITH (create_slot = false, slot_name = '{name}', copy_data = {copy_data}, \
+                 enabled = {enabled}, binary = true, streaming = on)",
+                self.conninfo(src)
+            ),
+        );
+    }
+
+    fn native_wait_ready(&self, dst: &str, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let n = self.psql(
+                dst,
+                &format!(
+                    "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
+                     WHERE s.subname = '{name}' AND r.srsubstate <> 'r'"
+                ),
+            );
+            let any = self.psql(
+                dst,
+                &format!(
+                    "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
+                     WHERE s.subname = '{name}'"
+                ),
+            );
+            if n == "0" && any != "0" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "native sync never finished");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the subscription's apply worker has received and applied everything
+    /// up to `lsn`: its walsender's `write_lsn` (the worker applies each message as it reads
+    /// it and reports its last received position, which a keepalive moves past the last
+    /// record once it is caught up). `latest_end_lsn` on the subscriber lags by seconds.
+    fn native_wait_lsn(&self, _dst: &str, name: &str, lsn: &str) {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let r = self.psql(
+                "postgres",
+                &format!(
+                    "SELECT coalesce(bool_or(write_lsn >= '{lsn}'), false) FROM pg_stat_replication \
+                     WHERE application_name = '{name}'"
+                ),
+            );
+            if r == "t" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "native apply never caught up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn native_disable(&self, src: &str, dst: &str, name: &str) {
+        self.psql(dst, &format!("ALTER SUBSCRIPTION {name} DISABLE"));
+        // The slot must be free again before the next phase starts from it.
+        loop {
+            let active = self.psql(
+                src,
+                &format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{name}'"),
+            );
+            if active == "f" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn native_drop(&self, src: &str, dst: &str, name: &str) {
+        self.native_disable(src, dst, name);
+        self.psql(
+            dst,
+            &format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE); DROP SUBSCRIPTION {name}"),
+        );
+        self.psql(
+            src,
+            &format!("SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION {name}"),
+        );
+    }
+
+    /// pg_recvlogical from `slot` to `end`, output discarded; seconds.
+    fn recvlogical(&self, db: &str, slot: &str, end: &str, options: &[&str]) -> f64 {
+        let mut cmd = Command::new(self.c.bindir().join("pg_recvlogical"));
+        cmd.args([
+            "-h",
+            self.c.host(),
+            "-p",
+            &self.c.port().to_string(),
+            "-U",
+            self.c.superuser(),
+        ])
+        .args(["-d", db, "--slot", slot, "--start", "--no-loop"])
+        .args(["--endpos", end, "-f", "/dev/null"]);
+        for o in options {
+            cmd.args(["-o", o]);
+        }
+        let t = Instant::now();
+        let out = cmd.output().expect("run pg_recvlogical");
+        let secs = t.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "pg_recvlogical failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        secs
+    }
+
+    fn create_slot(&self, db: &str, slot: &str) {
+        self.psql(
+            db,
+            &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+        );
+    }
+
+    fn drop_slot(&self, db: &str, slot: &str) {
+        self.psql(db, &format!("SELECT pg_drop_replication_slot('{slot}')"));
+    }
+}
+
+/// A `shadowmig run` child being watched: its peak RSS comes from `wait4`'s rusage, and the
+/// time of its "backfill done" log line from polling its log file.
+struct Watched {
+    pid: i32,
+    started: Instant,
+    waiter: JoinHandle<(i32, i64)>,
+    log: PathBuf,
+}
+
+struct RunResult {
+    secs: f64,
+    backfill_secs: Option<f64>,
+    peak_rss_mib: f64,
+}
+
+fn spawn_run(spec: &Path, log: &Path, exit_when_caught_up: bool, level: &str) -> Watched {
+    let f = std::fs::File::create(log).expect("log file");
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", spec.to_str().expect("utf-8 path")]);
+    if exit_when_caught_up {
+        cmd.arg("--exit-when-caught-up");
+    }
+    let started = Instant::now();
+    let child = cmd
+        .env("SHADOWMIG_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .expect("spawn shadowmig run");
+    let pid = child.id() as i32;
+    // The child is reaped by wait4 below, never through `child`.
+    std::mem::forget(child);
+    let waiter = std::thread::spawn(move || {
+        let mut status = 0i32;
+        // SAFETY: plain libc call on our own child; rusage is a plain C struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        assert_eq!(r, pid, "wait4");
+        (status, ru.ru_maxrss)
+    });
+    Watched {
+        pid,
+        started,
+        waiter,
+        log: log.to_path_buf(),
+    }
+}
+
+impl Watched {
+    fn finish(self) -> RunResult {
+        let mut backfill = None;
+        let mut pos = 0u64;
+        let mut tail = String::new();
+        loop {
+            let done = self.waiter.is_finished();
+            if backfill.is_none() {
+                if let Ok(mut f) = std::fs::File::open(&self.log) {
+                    if f.seek(SeekFrom::Start(pos)).is_ok() {
+                        let mut buf = String::new();
+                        if let Ok(n) = f.read_to_string(&mut buf) {
+                            pos += n as u64;
+                            tail.push_str(&buf);
+                            if tail.contains("backfill done") {
+                                backfill = Some(self.started.elapsed().as_secs_f64());
+                            }
+                            if let Some(i) = tail.rfind('\n') {
+                                tail.drain(..=i);
+                            }
+                        }
+                    }
+                }
+            }
+            if done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let secs = self.started.elapsed().as_secs_f64();
+        let (status, maxrss_kib) = self.waiter.join().expect("waiter");
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "shadowmig run failed (wait status {status}); last log lines:\n{}",
+                last.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        RunResult {
+            secs,
+            backfill_secs: backfill,
+            peak_rss_mib: maxrss_kib as f64 / 1024.0,
+        }
+    }
+
+    fn terminate(self) -> RunResult {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.pid, libc::SIGTERM);
+        }
+        self.finish()
+    }
+}
+
+fn expect_equal(what: &str, expected: &str, actual: &str) {
+    assert_eq!(
+        expected, actual,
+        "{what}: result differs from transform(source) (count:checksum)"
+    );
+    println!("  {what}: verified equal ({expected})");
+}
+
+const EXPECTED_NATIVE: &str = "SELECT customer_id, id, total_amount::bigint AS total_amount_minor, \
+     'USD'::text AS currency, status, note, created_at FROM public.orders";
+
+fn backfill(b: &Bench) {
+    let rows = env_u64("BENCH_BACKFILL_ROWS", 5_000_000);
+    let configs: Vec<(u32, u64)> = std::env::var("BENCH_BACKFILL_CONFIGS")
+        .unwrap_or_else(|_| "1x10000,2x10000,4x10000,1x50000,2x50000,4x50000".into())
+        .split(',')
+        .filter_map(|s| {
+            let (w, c) = s.trim().split_once('x')?;
+            Some((w.parse().ok()?, c.parse().ok()?))
+        })
+        .collect();
+    println!("== backfill: {rows} rows (load {})", loadavg());
+    let db = b.c.create_database("bf").expect("database");
+    b.make_orders(&db, rows);
+    let expected = b.checksum(&db, common::ORDERS_EXPECTED);
+
+    let insert_select = |round: u32| -> f64 {
+        b.psql(&db, common::ORDERS_TARGET);
+        b.checkpoint(&db);
+        let load = loadavg();
+        let t = Instant::now();
+        b.psql(
+            &db,
+            "INSERT INTO public.orders_v2 (customer_id, id, total_amount_minor, currency, status, note, created_at) \
+             SELECT customer_id, id, total_amount::bigint, 'USD', status, note, created_at FROM public.orders",
+        );
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "  INSERT … SELECT #{round}: {secs:.2} s, {:.0} rows/s (load {load})",
+            rows as f64 / secs
+        );
+        expect_equal(
+            "INSERT … SELECT",
+            &expected,
+            &b.checksum(&db, common::ORDERS_ACTUAL),
+        );
+        b.psql(&db, "DROP TABLE public.orders_v2");
+        b.checkpoint(&db);
+        secs
+    };
+    let is1 = insert_select(1);
+
+    // Native initial sync.
+    let ndb = b.make_native_target("bf_native");
+    b.checkpoint(&db);
+    let load = loadavg();
+    let t = Instant::now();
+    b.native_subscribe(&db, &ndb, "bf_native", true, true);
+    b.native_wait_ready(&ndb, "bf_native");
+    let native_secs = t.elapsed().as_secs_f64();
+    println!(
+        "  native initial sync: {native_secs:.2} s, {:.0} rows/s (load {load})",
+        rows as f64 / native_secs
+    );
+    expect_equal(
+        "native initial sync",
+        &expected,
+        &b.checksum(&ndb, EXPECTED_NATIVE),
+    );
+    b.native_drop(&db, &ndb, "bf_native");
+    b.psql("postgres", &format!("DROP DATABASE \"{ndb}\""));
+    b.checkpoint(&db);
+
+    let mut ours = Vec::new();
+    for (workers, chunk) in &configs {
+        let name = format!("bf_w{workers}_c{chunk}");
+        let spec = b.write_spec(&name, &db, *workers, *chunk);
+        let log = b.dir.path().join(format!("{name}.log"));
+        b.checkpoint(&db);
+        let load = loadavg();
+        let r = spawn_run(&spec, &log, true, "info").finish();
+        let bf = r.backfill_secs.unwrap_or(r.secs);
+        println!(
+            "  shadowmig workers={workers} chunk_rows={chunk}: {:.2} s to exit ({:.0} rows/s), backfill done at {:.2} s ({:.0} rows/s), peak RSS {:.1} MiB (load {load})",
+            r.secs,
+            rows as f64 / r.secs,
+            bf,
+            rows as f64 / bf,
+            r.peak_rss_mib
+        );
+        expect_equal(
+            &format!("shadowmig {workers}x{chunk}"),
+            &expected,
+            &b.checksum(&db, common::ORDERS_ACTUAL),
+        );
+        b.abort(&spec);
+        ours.push((*workers, *chunk, r));
+    }
+    let is2 = insert_select(2);
+
+    let is_rate = rows as f64 / ((is1 + is2) / 2.0);
+    let native_rate = rows as f64 / native_secs;
+    println!("  --- backfill summary ({rows} rows) ---");
+    println!("  INSERT … SELECT mean of 2: {is_rate:.0} rows/s; native initial sync {native_rate:.0} rows/s");
+    for (w, ch, r) in &ours {
+        let rate = rows as f64 / r.secs;
+        println!(
+            "  shadowmig {w}x{ch}: {rate:.0} rows/s wall = {:.2}x INSERT…SELECT, {:.2}x native; peak RSS {:.1} MiB",
+            rate / is_rate,
+            rate / native_rate,
+            r.peak_rss_mib
+        );
+    }
+    if let Some((w, ch, r)) = ours
+        .iter()
+        .min_by(|a, b| a.2.secs.partial_cmp(&b.2.secs).expect("finite"))
+    {
+        let rate = rows as f64 / r.secs;
+        println!(
+            "  best: workers={w} chunk_rows={ch}: {rate:.0} rows/s = {:.2}x INSERT…SELECT (target 1.2x), {:.2}x native initial sync (target 2x)",
+            rate / is_rate,
+            rate / native_rate
+        );
+    }
+    b.psql("postgres", &format!("DROP DATABASE \"{db}\""));
+}
+
+fn backlog_small_sql(changes: u64, base: u64) -> String {
+    let txns = changes / 5;
+    // Per transaction of 5 changes: on average 3.5 updates and 1.5 inserts (alternating 3+2
+    // and 4+1), i.e. 70 % / 30 %.
+    format!(
+        "DO $$
+         DECLARE k int;
+         BEGIN
+           PERFORM set_config('synchronous_commit', 'off', false);
+           FOR t IN 1..{txns} LOOP
+             k := CASE WHEN t % 2 = 0 THEN 3 ELSE 4 END;
+             FOR j IN 1..k LOOP
+               UPDATE public.orders SET status = 'u', total_amount = total_amount + 1
+                WHERE id = 1 + floor(random() * {base})::bigint;
+             END LOOP;
+             FOR j IN 1..5 - k LOOP
+               INSERT INTO public.orders (customer_id, total_amount, status, note)
+               VALUES (1 + floor(random() * 10007)::bigint, floor(random() * 100000)::int, 'new', 'b' || t);
+             END LOOP;
+             COMMIT;
+           END LOOP;
+         END $$;"
+    )
+}
+
+fn backlog_large_sql(changes: u64, base: u64) -> String {
+    let updates = changes * 7 / 10;
+    let inserts = changes - updates;
+    let passes = updates / base;
+    let rest = updates % base;
+    let mut sql = String::from("BEGIN;\n");
+    for _ in 0..passes {
+        sql.push_str(
+            "UPDATE public.orders SET total_amount = total_amount + 1, status = 'L' WHERE id <= ",
+        );
+        sql.push_str(&format!("{base};\n"));
+    }
+    if rest > 0 {
+        sql.push_str(&format!(
+            "UPDATE public.orders SET total_amount = total_amount + 1, status = 'L' WHERE id <= {rest};\n"
+        ));
+    }
+    sql.push_str(&format!(
+        "INSERT INTO public.orders (customer_id, total_amount, status, note) \
+         SELECT 1 + (i * 31) % 10007, i % 100000, 'new', 'L' || i FROM generate_series(1, {inserts}) i;\nCOMMIT;"
+    ));
+    sql
+}
+
+fn drain(b: &Bench) {
+    let changes = env_u64("BENCH_DRAIN_CHANGES", 1_000_000);
+    let large = env_u64("BENCH_DRAIN_LARGE", changes);
+    let base = env_u64("BENCH_DRAIN_BASE", 100_000);
+    println!(
+        "== drain: {changes} changes in small transactions, {large} in one (base {base} rows; load {})",
+        loadavg()
+    );
+    let db = b.c.create_database("dr").expect("database");
+    b.make_orders(&db, base);
+    let ndb = b.make_native_target("dr_native");
+    b.native_subscribe(&db, &ndb, "dr_native", true, true);
+    b.native_wait_ready(&ndb, "dr_native");
+    let spec = b.write_spec("dr", &db, 2, 50_000);
+    let r = spawn_run(&spec, &b.dir.path().join("dr_setup.log"), true, "info").finish();
+    println!("  initial backfill of {base} rows by shadowmig: {:.2} s", r.secs);
+    let pub_opt = "publication_names=shadowmig_dr".to_string();
+
+    let phases: Vec<(&str, String, u64)> = vec![
+        ("small transactions (5 changes)", backlog_small_sql(changes, base), changes),
+        ("one large transaction", backlog_large_sql(large, base), large),
+    ];
+    for (pi, (label, sql, n)) in phases.into_iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        // Everyone starts the phase caught up (earlier phases wrote WAL of their own).
+        spawn_run(&spec, &b.dir.path().join(format!("dr_pre{pi}.log")), true, "info").finish();
+        let now = b.lsn(&db);
+        b.native_wait_lsn(&ndb, "dr_native", &now);
+        b.native_disable(&db, &ndb, "dr_native");
+        let variants: Vec<(&str, Vec<&str>)> = vec![
+            ("p1 binary", vec!["proto_version=1", "binary=true"]),
+            ("p1 text", vec!["proto_version=1"]),
+            ("p2 binary streaming", vec!["proto_version=2", "binary=true", "streaming=on"]),
+        ];
+        let slots: Vec<String> = (0..variants.len())
+            .map(|i| format!("dr_recv_{pi}_{i}"))
+            .collect();
+        for s in &slots {
+            b.create_slot(&db, s);
+        }
+        // A second slot for the repeated reference run (same options as the first).
+        let again = format!("dr_recv_{pi}_again");
+        b.create_slot(&db, &again);
+        let t = Instant::now();
+        b.psql(&db, &sql);
+        let end = b.lsn(&db);
+        println!(
+            "  -- {label}: generated {n} changes in {:.1} s, end LSN {end} (load {})",
+            t.elapsed().as_secs_f64(),
+            loadavg()
+        );
+        b.checkpoint(&db);
+        let mut recv = Vec::new();
+        for ((vname, opts), slot) in variants.iter().zip(&slots) {
+            let mut o = opts.clone();
+            o.push(&pub_opt);
+            let load = loadavg();
+            let secs = b.recvlogical(&db, slot, &end, &o);
+            println!(
+                "  pg_recvlogical ({vname}): {secs:.2} s, {:.0} changes/s (load {load})",
+                n as f64 / secs
+            );
+            recv.push((vname.to_string(), secs));
+        }
+        let load = loadavg();
+        let r = spawn_run(
+            &spec,
+            &b.dir.path().join(format!("dr_{pi}.log")),
+            true,
+            "shadowmig=debug",
+        )
+        .finish();
+        println!(
+            "  shadowmig run --exit-when-caught-up: {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load})",
+            r.secs,
+            n as f64 / r.secs,
+            r.peak_rss_mib
+        );
+        let load = loadavg();
+        let t = Instant::now();
+        b.psql(&ndb, "ALTER SUBSCRIPTION dr_native ENABLE");
+        b.native_wait_lsn(&ndb, "dr_native", &end);
+        let native_secs = t.elapsed().as_secs_f64();
+        println!(
+            "  native subscription (binary, streaming=on): {native_secs:.2} s, {:.0} changes/s (load {load})",
+            n as f64 / native_secs
+        );
+        let mut o = variants[0].1.clone();
+        o.push(&pub_opt);
+        let load = loadavg();
+        let secs2 = b.recvlogical(&db, &again, &end, &o);
+        println!(
+            "  pg_recvlogical (p1 binary, again): {secs2:.2} s, {:.0} changes/s (load {load})",
+            n as f64 / secs2
+        );
+        for s in slots.iter().chain(std::iter::once(&again)) {
+            b.drop_slot(&db, s);
+        }
+        let expected = b.checksum(&db, common::ORDERS_EXPECTED);
+        expect_equal(
+            "shadowmig drain",
+            &expected,
+            &b.checksum(&db, common::ORDERS_ACTUAL),
+        );
+        expect_equal(
+            "native drain",
+            &expected,
+            &b.checksum(&ndb, EXPECTED_NATIVE),
+        );
+        let ref_rate = n as f64 / ((recv[0].1 + secs2) / 2.0);
+        let ours_rate = n as f64 / r.secs;
+        let native_rate = n as f64 / native_secs;
+        println!("  --- drain summary, {label}, {n} changes ---");
+        println!(
+            "  shadowmig {ours_rate:.0}/s; pg_recvlogical p1 binary (mean of 2) {ref_rate:.0}/s; native {native_rate:.0}/s"
+        );
+        for (vname, secs) in &recv {
+            println!("  pg_recvlogical {vname}: {:.0}/s", n as f64 / secs);
+        }
+        println!(
+            "  ratio shadowmig / pg_recvlogical = {:.2} (target 0.9); shadowmig / native = {:.2} (target > 1); peak RSS {:.1} MiB",
+            ours_rate / ref_rate,
+            ours_rate / native_rate,
+            r.peak_rss_mib
+        );
+    }
+    b.native_drop(&db, &ndb, "dr_native");
+    b.abort(&spec);
+    b.psql("postgres", &format!("DROP DATABASE \"{ndb}\""));
+    b.psql("postgres", &format!("DROP DATABASE \"{db}\""));
+}
+
+fn pgbench_run(b: &Bench, db: &str, script: &Path, secs: u64) -> f64 {
+    let out = Command::new(b.c.bindir().join("pgbench"))
+        .args([
+            "-h",
+            b.c.host(),
+            "-p",
+            &b.c.port().to_string(),
+            "-U",
+            b.c.superuser(),
+        ])
+        .args(["-n", "-c", "4", "-j", "2", "-T", &secs.to_string(), "-f"])
+        .arg(script)
+        .arg(db)
+        .output()
+        .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}\n{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok());
+    match tps {
+        Some(t) => t,
+        None => panic!("no tps in pgbench output:\n{text}"),
+    }
+}
+
+const MIRROR_TRIGGER: &str = "
+CREATE FUNCTION public.orders_mirror() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND (OLD.customer_id, OLD.id) IS DISTINCT FROM (NEW.customer_id, NEW.id)) THEN
+    DELETE FROM public.orders_v2 WHERE customer_id = OLD.customer_id AND id = OLD.id;
+  END IF;
+  IF TG_OP IN ('INSERT', 'UPDATE') THEN
+    INSERT INTO public.orders_v2 (customer_id, id, total_amount_minor, currency, status, note, created_at)
+    VALUES (NEW.customer_id, NEW.id, NEW.total_amount::bigint, 'USD', NEW.status, NEW.note, NEW.created_at)
+    ON CONFLICT (customer_id, id) DO UPDATE SET total_amount_minor = EXCLUDED.total_amount_minor,
+      currency = EXCLUDED.currency, status = EXCLUDED.status, note = EXCLUDED.note,
+      created_at = EXCLUDED.created_at;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER orders_mirror AFTER INSERT OR UPDATE OR DELETE ON public.orders
+  FOR EACH ROW EXECUTE FUNCTION public.orders_mirror();";
+
+fn pgbench(b: &Bench) {
+    let base = env_u64("BENCH_PGBENCH_ROWS", 500_000);
+    let secs = env_u64("BENCH_PGBENCH_SECS", 30);
+    let reps = env_u64("BENCH_PGBENCH_REPS", 2);
+    println!(
+        "== pgbench: {secs} s per run, -c 4 -j 2, base {base} rows, {reps} rounds (load {})",
+        loadavg()
+    );
+    let db = b.c.create_database("pb").expect("database");
+    b.make_orders(&db, base);
+    let script = b.dir.path().join("write_mix.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set id1 random(1, {base})\n\\set id2 random(1, {base})\n\\set c random(1, 10007)\n\\set amt random(0, 99999)\n\
+             BEGIN;\n\
+             INSERT INTO public.orders (customer_id, total_amount, status, note) VALUES (:c, :amt, 'new', 'pgbench');\n\
+             UPDATE public.orders SET status = 'paid', total_amount = total_amount + 1 WHERE id = :id1;\n\
+             UPDATE public.orders SET status = 'shipped', note = 'moved' WHERE id = :id2;\n\
+             END;\n"
+        ),
+    )
+    .expect("script");
+    let mut results: Vec<(&str, f64, String)> = Vec::new();
+    let modes_fwd = ["alone", "shadowmig", "trigger", "native"];
+    let mut round = 0;
+    for rep in 0..reps {
+        let order: Vec<&str> = if rep % 2 == 0 {
+            modes_fwd.to_vec()
+        } else {
+            modes_fwd.iter().rev().copied().collect()
+        };
+        for mode in order {
+            round += 1;
+            b.psql(&db, "VACUUM public.orders");
+            b.checkpoint(&db);
+            match mode {
+                "alone" => {
+                    let load = loadavg();
+                    let tps = pgbench_run(b, &db, &script, secs);
+                    println!("  alone: {tps:.0} tps (load {load})");
+                    results.push((mode, tps, load));
+                }
+                "shadowmig" => {
+                    let spec = b.write_spec(&format!("pb{round}"), &db, 2, 50_000);
+                    let log = b.dir.path().join(format!("pb{round}.log"));
+                    let w = spawn_run(&spec, &log, false, "info");
+                    let deadline = Instant::now() + Duration::from_secs(1800);
+                    loop {
+                        let caught = b.c.psql(
+                            &db,
+                            &format!("SELECT caught_up_at IS NOT NULL FROM shadowmig.migrations WHERE name = 'pb{round}'"),
+                        );
+                        if matches!(caught.as_deref().map(str::trim), Ok("t")) {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "shadowmig never caught up");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    let load = loadavg();
+                    let tps = pgbench_run(b, &db, &script, secs);
+                    let t = Instant::now();
+                    // A marker transaction after the load: its commit is past `lsn`, and
+                    // shadowmig's progress row holds the commit LSN of what it applied.
+                    let lsn = b.lsn(&db);
+                    b.psql(&db, "UPDATE public.orders SET status = 'marker' WHERE id = 1");
+                    loop {
+                        let done = b.psql(
+                            &db,
+                            &format!("SELECT coalesce(bool_or(lsn >= '{lsn}'), false) FROM shadowmig.progress WHERE migration = 'pb{round}'"),
+                        );
+                        if done == "t" || t.elapsed() > Duration::from_secs(600) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let lag = t.elapsed().as_secs_f64();
+                    let r = w.terminate();
+                    println!(
+                        "  shadowmig streaming: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped; peak RSS {:.1} MiB",
+                        r.peak_rss_mib
+                    );
+                    let r2 = spawn_run(&spec, &b.dir.path().join(format!("pb{round}_fin.log")), true, "info").finish();
+                    let _ = r2;
+                    expect_equal(
+                        "shadowmig under pgbench",
+                        &b.checksum(&db, common::ORDERS_EXPECTED),
+                        &b.checksum(&db, common::ORDERS_ACTUAL),
+                    );
+                    b.abort(&spec);
+                    results.push((mode, tps, load));
+                }
+                "trigger" => {
+                    b.psql(&db, common::ORDERS_TARGET);
+                    b.psql(
+                        &db,
+                        "INSERT INTO public.orders_v2 SELECT customer_id, id, total_amount::bigint, 'USD', status, note, created_at FROM public.orders",
+                    );
+                    b.psql(&db, MIRROR_TRIGGER);
+                    b.checkpoint(&db);
+                    let load = loadavg();
+                    let tps = pgbench_run(b, &db, &script, secs);
+                    println!("  trigger capture: {tps:.0} tps (load {load})");
+                    b.psql(&db, "DROP TRIGGER orders_mirror ON public.orders; DROP FUNCTION public.orders_mirror()");
+                    expect_equal(
+                        "trigger capture",
+                        &b.checksum(&db, common::ORDERS_EXPECTED),
+                        &b.checksum(&db, common::ORDERS_ACTUAL),
+                    );
+                    b.psql(&db, "DROP TABLE public.orders_v2");
+                    results.push((mode, tps, load));
+                }
+                "native" => {
+                    let ndb = b.make_native_target("pb_native");
+                    b.native_subscribe(&db, &ndb, "pb_native", true, true);
+                    b.native_wait_ready(&ndb, "pb_native");
+                    let now = b.lsn(&db);
+                    b.native_wait_lsn(&ndb, "pb_native", &now);
+                    b.checkpoint(&db);
+                    let load = loadavg();
+                    let tps = pgbench_run(b, &db, &script, secs);
+                    let t = Instant::now();
+                    let end = b.lsn(&db);
+                    b.native_wait_lsn(&ndb, "pb_native", &end);
+                    let lag = t.elapsed().as_secs_f64();
+                    println!(
+                        "  native logical replication: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped"
+                    );
+                    expect_equal(
+                        "native under pgbench",
+                        &b.checksum(&db, common::ORDERS_EXPECTED),
+                        &b.checksum(&ndb, EXPECTED_NATIVE),
+                    );
+                    b.native_drop(&db, &ndb, "pb_native");
+                    b.psql("postgres", &format!("DROP DATABASE \"{ndb}\""));
+                    results.push((mode, tps, load));
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+    let mean = |m: &str| {
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == m)
+            .map(|r| r.1)
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let alone = mean("alone");
+    println!("  --- pgbench summary ({secs} s runs) ---");
+    for m in modes_fwd {
+        let all: Vec<String> = results
+            .iter()
+            .filter(|r| r.0 == m)
+            .map(|r| format!("{:.0}", r.1))
+            .collect();
+        println!(
+            "  {m}: mean {:.0} tps ({}) = {:.2}x alone",
+            mean(m),
+            all.join(", "),
+            mean(m) / alone
+        );
+    }
+    println!("  target: shadowmig >= 0.85x alone, > trigger, > native");
+    b.psql("postgres", &format!("DROP DATABASE \"{db}\""));
+}
+
+fn main() {
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let all = which.is_empty() || which.iter().any(|w| w == "all");
+    let want = |s: &str| all || which.iter().any(|w| w == s);
+    let settings = std::env::var("BENCH_PG_SETTINGS").unwrap_or_default();
+    // The launcher waits wal_retrieve_retry_interval (5 s) between worker starts, which
+    // would add seconds of idle time to every native measurement that enables a subscription.
+    let mut cfg = ClusterConfig {
+        durable: true,
+        ..ClusterConfig::default()
+    }
+    .setting("wal_retrieve_retry_interval", "100ms");
+    for kv in settings.split(',').filter(|s| !s.is_empty()) {
+        if let Some((k, v)) = kv.split_once('=') {
+            cfg = cfg.setting(k, v);
+        }
+    }
+    let c = TestCluster::start(&cfg).expect("start cluster");
+    let b = Bench {
+        c,
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    println!(
+        "engine bench: PostgreSQL at port {}, durable (fsync on), binary {} (load {})",
+        b.c.port(),
+        bin().display(),
+        loadavg()
+    );
+    if want("backfill") {
+        backfill(&b);
+    }
+    if want("drain") {
+        drain(&b);
+    }
+    if want("pgbench") {
+        pgbench(&b);
+    }
+}
