@@ -144,10 +144,10 @@ workers = {workers}
                  ALTER SEQUENCE public.orders_id_seq OWNED BY public.orders.id;
                  ALTER TABLE public.orders ALTER COLUMN note SET STORAGE EXTERNAL;
                  INSERT INTO public.orders (id, customer_id, total_amount, status, note, created_at)
-                 SELECT i, 1 + (i * 7919) % 10007, (i * 37) % 100000, (ARRAY['new','paid','shipped'])[1 + i % 3],
+                 SELECT i, 1 + (i * 7919) % 10007, ((i * 37) % 100000)::int, (ARRAY['new','paid','shipped'])[(1 + i % 3)::int],
                         CASE WHEN i % 50 = 0 THEN repeat(md5(i::text), 80) WHEN i % 10 = 1 THEN NULL ELSE 'n' || i END,
                         '2024-01-01 00:00:00+00'::timestamptz + i * interval '1 second'
-                 FROM generate_series(1, {rows}) AS i;
+                 FROM generate_series(1::bigint, {rows}) AS i;
                  SELECT setval('public.orders_id_seq', {rows});
                  ALTER TABLE public.orders ADD PRIMARY KEY (id);
                  CREATE UNIQUE INDEX orders_id_customer ON public.orders (id, customer_id);
