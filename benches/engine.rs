@@ -104,7 +104,10 @@ currency = "'USD'"
 [copy]
 chunk_rows = {chunk_rows}
 workers = {workers}
+[throttle]
+max_lag_bytes = {max_lag}
 "#,
+            max_lag = env_u64("BENCH_MAX_LAG_BYTES", 1 << 40),
             url = self.c.url(db),
             target = common::ORDERS_TARGET
         );
