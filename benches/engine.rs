@@ -71,6 +71,33 @@ impl Bench {
         )
     }
 
+    /// With `BENCH_STATEMENTS=1` (and `BENCH_PG_SETTINGS=shared_preload_libraries=pg_stat_statements`):
+    /// clears pg_stat_statements before a measured run.
+    fn stmts_reset(&self, db: &str) {
+        if std::env::var_os("BENCH_STATEMENTS").is_some() {
+            self.psql(
+                db,
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+            );
+        }
+    }
+
+    /// With `BENCH_STATEMENTS=1`: the statements that took the most server time since
+    /// [`Bench::stmts_reset`] (where the time of a measured run went, server side).
+    fn stmts_report(&self, db: &str) {
+        if std::env::var_os("BENCH_STATEMENTS").is_some() {
+            let out = self.psql(
+                db,
+                "SELECT lpad(round(total_exec_time)::text, 8) || ' ms | ' || lpad(calls::text, 7) || ' calls | ' \
+                        || lpad(rows::text, 9) || ' rows | ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 120) \
+                 FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
+            );
+            for l in out.lines() {
+                println!("    stmt: {l}");
+            }
+        }
+    }
+
     fn checkpoint(&self, db: &str) {
         self.psql(db, "CHECKPOINT");
     }
@@ -510,8 +537,10 @@ fn backfill(b: &Bench) {
         let spec = b.write_spec(&name, &db, *workers, *chunk);
         let log = b.dir.path().join(format!("{name}.log"));
         b.checkpoint(&db);
+        b.stmts_reset(&db);
         let load = loadavg();
         let r = spawn_run(&spec, &log, true, "info").finish();
+        b.stmts_report(&db);
         let bf = r.backfill_secs.unwrap_or(r.secs);
         println!(
             "  shadowmig workers={workers} chunk_rows={chunk}: {:.2} s to exit ({:.0} rows/s), backfill done at {:.2} s ({:.0} rows/s), peak RSS {:.1} MiB (load {load})",
@@ -564,14 +593,15 @@ fn backlog_small_sql(changes: u64, base: u64) -> String {
     // and 4+1), i.e. 70 % / 30 %.
     format!(
         "DO $$
-         DECLARE k int;
+         DECLARE k int; r bigint;
          BEGIN
            PERFORM set_config('synchronous_commit', 'off', false);
            FOR t IN 1..{txns} LOOP
              k := CASE WHEN t % 2 = 0 THEN 3 ELSE 4 END;
              FOR j IN 1..k LOOP
-               UPDATE public.orders SET status = 'u', total_amount = total_amount + 1
-                WHERE id = 1 + floor(random() * {base})::bigint;
+               -- The id in a variable: `id = <volatile expression>` would scan the table.
+               r := 1 + floor(random() * {base})::bigint;
+               UPDATE public.orders SET status = 'u', total_amount = total_amount + 1 WHERE id = r;
              END LOOP;
              FOR j IN 1..5 - k LOOP
                INSERT INTO public.orders (customer_id, total_amount, status, note)
@@ -673,6 +703,7 @@ fn drain(b: &Bench) {
             );
             recv.push((vname.to_string(), secs));
         }
+        b.stmts_reset(&db);
         let load = loadavg();
         let r = spawn_run(
             &spec,
@@ -681,6 +712,7 @@ fn drain(b: &Bench) {
             "shadowmig=debug",
         )
         .finish();
+        b.stmts_report(&db);
         println!(
             "  shadowmig run --exit-when-caught-up: {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load})",
             r.secs,
