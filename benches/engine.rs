@@ -37,6 +37,12 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// `SHADOWMIG_LOG` for the measured runs: `BENCH_LOG`, else `default`
+/// (e.g. `BENCH_LOG=info,shadowmig::apply=debug` for the apply writer's per-batch timings).
+fn log_level(default: &str) -> String {
+    std::env::var("BENCH_LOG").unwrap_or_else(|_| default.to_string())
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -466,7 +472,8 @@ fn expect_equal(what: &str, expected: &str, actual: &str) {
     println!("  {what}: verified equal ({expected})");
 }
 
-const EXPECTED_NATIVE: &str = "SELECT customer_id, id, total_amount::bigint AS total_amount_minor, \
+const EXPECTED_NATIVE: &str =
+    "SELECT customer_id, id, total_amount::bigint AS total_amount_minor, \
      'USD'::text AS currency, status, note, created_at FROM public.orders";
 
 fn backfill(b: &Bench) {
@@ -539,7 +546,7 @@ fn backfill(b: &Bench) {
         b.checkpoint(&db);
         b.stmts_reset(&db);
         let load = loadavg();
-        let r = spawn_run(&spec, &log, true, "info").finish();
+        let r = spawn_run(&spec, &log, true, &log_level("info")).finish();
         b.stmts_report(&db);
         let bf = r.backfill_secs.unwrap_or(r.secs);
         println!(
@@ -652,26 +659,46 @@ fn drain(b: &Bench) {
     b.native_wait_ready(&ndb, "dr_native");
     let spec = b.write_spec("dr", &db, 2, 50_000);
     let r = spawn_run(&spec, &b.dir.path().join("dr_setup.log"), true, "info").finish();
-    println!("  initial backfill of {base} rows by shadowmig: {:.2} s", r.secs);
+    println!(
+        "  initial backfill of {base} rows by shadowmig: {:.2} s",
+        r.secs
+    );
     let pub_opt = "publication_names=shadowmig_dr".to_string();
 
     let phases: Vec<(&str, String, u64)> = vec![
-        ("small transactions (5 changes)", backlog_small_sql(changes, base), changes),
-        ("one large transaction", backlog_large_sql(large, base), large),
+        (
+            "small transactions (5 changes)",
+            backlog_small_sql(changes, base),
+            changes,
+        ),
+        (
+            "one large transaction",
+            backlog_large_sql(large, base),
+            large,
+        ),
     ];
     for (pi, (label, sql, n)) in phases.into_iter().enumerate() {
         if n == 0 {
             continue;
         }
         // Everyone starts the phase caught up (earlier phases wrote WAL of their own).
-        spawn_run(&spec, &b.dir.path().join(format!("dr_pre{pi}.log")), true, "info").finish();
+        spawn_run(
+            &spec,
+            &b.dir.path().join(format!("dr_pre{pi}.log")),
+            true,
+            "info",
+        )
+        .finish();
         let now = b.lsn(&db);
         b.native_wait_lsn(&ndb, "dr_native", &now);
         b.native_disable(&db, &ndb, "dr_native");
         let variants: Vec<(&str, Vec<&str>)> = vec![
             ("p1 binary", vec!["proto_version=1", "binary=true"]),
             ("p1 text", vec!["proto_version=1"]),
-            ("p2 binary streaming", vec!["proto_version=2", "binary=true", "streaming=on"]),
+            (
+                "p2 binary streaming",
+                vec!["proto_version=2", "binary=true", "streaming=on"],
+            ),
         ];
         let slots: Vec<String> = (0..variants.len())
             .map(|i| format!("dr_recv_{pi}_{i}"))
@@ -709,7 +736,7 @@ fn drain(b: &Bench) {
             &spec,
             &b.dir.path().join(format!("dr_{pi}.log")),
             true,
-            "shadowmig=debug",
+            &log_level("info"),
         )
         .finish();
         b.stmts_report(&db);
@@ -889,7 +916,10 @@ fn pgbench(b: &Bench) {
                     // A marker transaction after the load: its commit is past `lsn`, and
                     // shadowmig's progress row holds the commit LSN of what it applied.
                     let lsn = b.lsn(&db);
-                    b.psql(&db, "UPDATE public.orders SET status = 'marker' WHERE id = 1");
+                    b.psql(
+                        &db,
+                        "UPDATE public.orders SET status = 'marker' WHERE id = 1",
+                    );
                     loop {
                         let done = b.psql(
                             &db,
@@ -906,7 +936,13 @@ fn pgbench(b: &Bench) {
                         "  shadowmig streaming: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped; peak RSS {:.1} MiB",
                         r.peak_rss_mib
                     );
-                    let r2 = spawn_run(&spec, &b.dir.path().join(format!("pb{round}_fin.log")), true, "info").finish();
+                    let r2 = spawn_run(
+                        &spec,
+                        &b.dir.path().join(format!("pb{round}_fin.log")),
+                        true,
+                        "info",
+                    )
+                    .finish();
                     let _ = r2;
                     expect_equal(
                         "shadowmig under pgbench",
@@ -966,11 +1002,7 @@ fn pgbench(b: &Bench) {
         }
     }
     let mean = |m: &str| {
-        let v: Vec<f64> = results
-            .iter()
-            .filter(|r| r.0 == m)
-            .map(|r| r.1)
-            .collect();
+        let v: Vec<f64> = results.iter().filter(|r| r.0 == m).map(|r| r.1).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     let alone = mean("alone");
@@ -1013,10 +1045,21 @@ fn main() {
         }
     }
     let c = TestCluster::start(&cfg).expect("start cluster");
-    let b = Bench {
-        c,
-        dir: tempfile::tempdir().expect("temp dir"),
+    // BENCH_LOG_DIR keeps the specs and `run` logs (otherwise a temp dir removed at exit).
+    let dir = match std::env::var("BENCH_LOG_DIR") {
+        Ok(d) => {
+            std::fs::create_dir_all(&d).expect("BENCH_LOG_DIR");
+            let mut t = tempfile::Builder::new()
+                .prefix("engine-")
+                .tempdir_in(d)
+                .expect("temp dir");
+            t.disable_cleanup(true);
+            t
+        }
+        Err(_) => tempfile::tempdir().expect("temp dir"),
     };
+    let b = Bench { c, dir };
+    println!("logs in {}", b.dir.path().display());
     println!(
         "engine bench: PostgreSQL at port {}, durable (fsync on), binary {} (load {})",
         b.c.port(),

@@ -192,6 +192,10 @@ impl ApplyWriter {
             )));
         }
         let net = coalesce(&self.plan.identity, changes)?;
+        // Where a batch's time goes, for the debug line at the end (benches/engine.rs).
+        let coalesced = start.elapsed();
+        let mut load_time = Duration::ZERO;
+        let mut sql_time = Duration::ZERO;
         let mut stats = ApplyStats {
             changes: changes.len(),
             lsn,
@@ -206,13 +210,17 @@ impl ApplyWriter {
         // Deletes first: see `Coalesced`.
         let del_rows: Vec<&TupleData> = net.deletes.iter().collect();
         for g in self.group(StageKind::Delete, &del_rows) {
+            let t = Instant::now();
             let name = self.stage(tx, &g.shape).await?;
             self.load(tx, &g, &name).await?;
+            load_time += t.elapsed();
+            let t = Instant::now();
             let q = sql::delete(&self.target, &self.plan, &g.shape, &name);
             stats.deleted += tx
                 .execute(&q, &[])
                 .await
                 .map_err(ApplyError::db("delete"))?;
+            sql_time += t.elapsed();
         }
 
         // Upserts without unchanged TOAST are plain INSERT … ON CONFLICT. Those with it update
@@ -232,13 +240,17 @@ impl ApplyWriter {
             }
         }
         for g in self.group(StageKind::Upsert, &plain) {
+            let t = Instant::now();
             let name = self.stage(tx, &g.shape).await?;
             self.load(tx, &g, &name).await?;
+            load_time += t.elapsed();
+            let t = Instant::now();
             let q = sql::upsert(&self.target, &self.plan, &g.shape, &name);
             stats.upserted += tx
                 .execute(&q, &[])
                 .await
                 .map_err(ApplyError::db("upsert"))?;
+            sql_time += t.elapsed();
         }
         for mut g in self.group(StageKind::Upsert, &partial) {
             g.shape.with_unchanged = true;
@@ -266,6 +278,15 @@ impl ApplyWriter {
 
         state::write_progress(tx, &self.progress.migration, self.progress.direction, lsn).await?;
         stats.duration = start.elapsed();
+        tracing::debug!(
+            changes = stats.changes,
+            net_rows = net.upserts.len() + net.deletes.len(),
+            coalesce_ms = coalesced.as_millis() as u64,
+            stage_copy_ms = load_time.as_millis() as u64,
+            statements_ms = sql_time.as_millis() as u64,
+            total_ms = stats.duration.as_millis() as u64,
+            "wrote batch (not yet committed)"
+        );
         Ok(stats)
     }
 
