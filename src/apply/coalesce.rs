@@ -122,13 +122,32 @@ enum Net {
     Deleted(TupleData),
 }
 
-/// The state an upsert of `key` follows: the earlier image to fill unchanged columns from (if
-/// any) and the delete it follows (if any).
-fn before(net: &HashMap<Key, Net>, key: &Key) -> (Option<TupleData>, Option<TupleData>) {
-    match net.get(key) {
-        Some(Net::Upserted { image, deleted }) => (Some(image.clone()), deleted.clone()),
-        Some(Net::Deleted(old)) => (None, Some(old.clone())),
+/// Takes the state an upsert of `key` follows out of its slot: the earlier image to fill
+/// unchanged columns from (if any) and the delete it follows (if any). The caller writes the
+/// key's new state into the slot right after ([`put`]), so moving out instead of cloning is
+/// safe and saves copying every repeated row.
+fn take_before(
+    index: &HashMap<Key, usize>,
+    slots: &mut [Net],
+    key: &Key,
+) -> (Option<TupleData>, Option<TupleData>) {
+    match index.get(key) {
+        Some(&i) => match std::mem::replace(&mut slots[i], Net::Deleted(TupleData(Vec::new()))) {
+            Net::Upserted { image, deleted } => (Some(image), deleted),
+            Net::Deleted(old) => (None, Some(old)),
+        },
         None => (None, None),
+    }
+}
+
+/// Sets `key`'s net state; a key keeps the position of its first change (output order).
+fn put(index: &mut HashMap<Key, usize>, slots: &mut Vec<Net>, key: Key, value: Net) {
+    match index.get(&key) {
+        Some(&i) => slots[i] = value,
+        None => {
+            index.insert(key, slots.len());
+            slots.push(value);
+        }
     }
 }
 
@@ -143,8 +162,10 @@ pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced
         return Err(CoalesceError::NoIdentity);
     }
     let ncols = identity.len();
-    let mut order: Vec<Key> = Vec::new();
-    let mut net: HashMap<Key, Net> = HashMap::with_capacity(changes.len());
+    // Net state per key in slots, in order of each key's first change: one hash lookup per
+    // change and no key or row copies (coalescing was ~14 % of a batch's time).
+    let mut index: HashMap<Key, usize> = HashMap::with_capacity(changes.len());
+    let mut slots: Vec<Net> = Vec::with_capacity(changes.len());
     let mut last_lsn = None;
 
     let check = |index: usize, t: &TupleData| -> Result<(), CoalesceError> {
@@ -175,49 +196,54 @@ pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced
         Ok(k)
     };
 
-    let mut put = |key: Key, value: Net, net: &mut HashMap<Key, Net>| {
-        if net.insert(key.clone(), value).is_none() {
-            order.push(key);
-        }
-    };
-
-    for (index, sc) in changes.iter().enumerate() {
+    for (i, sc) in changes.iter().enumerate() {
         last_lsn = Some(sc.lsn);
         match &sc.change {
             Change::Upsert { new } => {
-                check(index, new)?;
-                let key = key_of(index, new)?;
+                check(i, new)?;
+                let key = key_of(i, new)?;
                 let mut image = new.clone();
-                let (prev, deleted) = before(&net, &key);
+                let (prev, deleted) = take_before(&index, &mut slots, &key);
                 if let Some(prev) = prev {
                     fill_unchanged(&mut image, &prev);
                 }
-                put(key, Net::Upserted { image, deleted }, &mut net);
+                put(
+                    &mut index,
+                    &mut slots,
+                    key,
+                    Net::Upserted { image, deleted },
+                );
             }
             Change::Delete { old } => {
-                check(index, old)?;
-                let key = key_of(index, old)?;
-                put(key, Net::Deleted(old.clone()), &mut net);
+                check(i, old)?;
+                let key = key_of(i, old)?;
+                put(&mut index, &mut slots, key, Net::Deleted(old.clone()));
             }
             Change::KeyChange { old, old_kind, new } => {
-                check(index, old)?;
-                check(index, new)?;
-                let old_key = key_of(index, old)?;
+                check(i, old)?;
+                check(i, new)?;
+                let old_key = key_of(i, old)?;
                 let mut image = new.clone();
-                let (prev, _) = before(&net, &old_key);
-                if let Some(prev) = prev {
-                    fill_unchanged(&mut image, &prev);
+                if let Some(&at) = index.get(&old_key) {
+                    if let Net::Upserted { image: prev, .. } = &slots[at] {
+                        fill_unchanged(&mut image, prev);
+                    }
                 }
                 if *old_kind == OldKind::Full {
                     fill_unchanged(&mut image, old);
                 }
                 // After filling: an unchanged identity column takes the old row's value.
-                let new_key = key_of(index, &image)?;
+                let new_key = key_of(i, &image)?;
                 if old_key != new_key {
-                    put(old_key, Net::Deleted(old.clone()), &mut net);
+                    put(&mut index, &mut slots, old_key, Net::Deleted(old.clone()));
                 }
-                let deleted = before(&net, &new_key).1;
-                put(new_key, Net::Upserted { image, deleted }, &mut net);
+                let deleted = take_before(&index, &mut slots, &new_key).1;
+                put(
+                    &mut index,
+                    &mut slots,
+                    new_key,
+                    Net::Upserted { image, deleted },
+                );
             }
         }
     }
@@ -226,9 +252,9 @@ pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced
         last_lsn,
         ..Coalesced::default()
     };
-    for key in order {
-        match net.remove(&key) {
-            Some(Net::Upserted { image, deleted }) => {
+    for net in slots {
+        match net {
+            Net::Upserted { image, deleted } => {
                 // An image still missing values must not take them from a target row the
                 // batch deleted: delete that row first, so the writer finds none and has the
                 // key re-read.
@@ -239,8 +265,7 @@ pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced
                 }
                 out.upserts.push(image)
             }
-            Some(Net::Deleted(t)) => out.deletes.push(t),
-            None => {}
+            Net::Deleted(t) => out.deletes.push(t),
         }
     }
     Ok(out)
