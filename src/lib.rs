@@ -21,6 +21,7 @@ pub mod raw;
 pub mod replication;
 pub mod run;
 pub mod spec;
+pub mod spill;
 pub mod state;
 pub mod status;
 pub mod tail;

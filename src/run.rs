@@ -30,6 +30,7 @@ use crate::replication::{
     StreamConfig,
 };
 use crate::spec::{quote_ident, quote_literal, Spec};
+use crate::spill::Spill;
 use crate::state::{self, ChunkProgress, Direction};
 
 /// The prefix of shadowmig's logical messages (watermarks and sync markers).
@@ -610,14 +611,7 @@ impl Applier<'_> {
             .await
             .map_err(|e| pg_err("clearing a re-read", e))?;
         }
-        let mut rereads = Vec::new();
-        for t in &stats.needs_reread {
-            let k = key_of(self.prepared, t)?;
-            tx.execute("INSERT INTO shadowmig.reread (migration, key) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[name, &hex_key(&k)])
-                .await
-                .map_err(|e| pg_err("recording a re-read", e))?;
-            rereads.push(k);
-        }
+        let rereads = record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?;
         let n = self.batch.len() as i64;
         tx.execute("UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1", &[name, &n])
             .await
@@ -635,6 +629,96 @@ impl Applier<'_> {
         self.new_rereads.extend(rereads);
         Ok(())
     }
+}
+
+impl Applier<'_> {
+    /// Applies one source transaction too large for a batch: its spilled changes and the
+    /// in-memory rest, in parts of `part` changes, all in one target transaction with the
+    /// progress (the target never shows part of a source transaction), then confirms it.
+    async fn apply_large(
+        &mut self,
+        stream: &crate::replication::LogicalStream,
+        spill: Spill,
+        rest: Vec<Change>,
+        lsn: Lsn,
+        part: usize,
+    ) -> Result<(), RunError> {
+        let total = spill.len() + rest.len() as u64;
+        tracing::info!(
+            changes = total,
+            "applying a large source transaction in parts"
+        );
+        let mut reader = spill
+            .into_reader()
+            .map_err(|e| RunError::Fatal(e.to_string()))?;
+        let name = &self.spec.name;
+        let tx = self
+            .tgt
+            .transaction()
+            .await
+            .map_err(|e| pg_err("starting a large transaction", e))?;
+        let mut rest = Some(rest);
+        let mut rereads = Vec::new();
+        loop {
+            let changes = reader
+                .next_batch(part)
+                .map_err(|e| RunError::Fatal(e.to_string()))?;
+            let changes = if changes.is_empty() {
+                match rest.take() {
+                    Some(r) if !r.is_empty() => r,
+                    _ => break,
+                }
+            } else {
+                changes
+            };
+            let part: Vec<SourceChange> = changes
+                .into_iter()
+                .map(|change| SourceChange { lsn, change })
+                .collect();
+            let stats = self
+                .writer
+                .write_batch(&tx, &part, lsn)
+                .await
+                .map_err(|e| apply_err("applying a large transaction", e))?;
+            rereads.extend(record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?);
+        }
+        tx.execute(
+            "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
+            &[name, &(total as i64)],
+        )
+        .await
+        .map_err(|e| pg_err("counting applied changes", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| pg_err("committing a large transaction", e))?;
+        self.writer.batch_committed();
+        stream.confirm(lsn);
+        self.applied += total;
+        self.new_rereads.extend(rereads);
+        Ok(())
+    }
+}
+
+/// Records, in the batch's transaction, the keys apply could not write from the stream, so
+/// a crash before their re-read cannot lose them.
+async fn record_rereads(
+    tx: &tokio_postgres::Transaction<'_>,
+    prepared: &Prepared,
+    migration: &str,
+    tuples: &[TupleData],
+) -> Result<Vec<KeyValue>, RunError> {
+    let mut keys = Vec::with_capacity(tuples.len());
+    for t in tuples {
+        let k = key_of(prepared, t)?;
+        tx.execute(
+            "INSERT INTO shadowmig.reread (migration, key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&migration, &hex_key(&k)],
+        )
+        .await
+        .map_err(|e| pg_err("recording a re-read", e))?;
+        keys.push(k);
+    }
+    Ok(keys)
 }
 
 /// One connected stretch of the migration: from the committed state to an outcome or error.
@@ -846,6 +930,8 @@ async fn run_once(
                     xid,
                     changes: Vec::new(),
                     keys: Vec::new(),
+                    track: tracker.open_windows() > 0,
+                    spill: None,
                 });
             }
             LogicalMessage::Relation { body, .. } if body.oid == prepared.source_oid => {
@@ -862,21 +948,25 @@ async fn run_once(
             }
             LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    t.keys.push(key_of(&prepared, &new)?);
-                    t.changes.push(Change::Upsert { new });
+                    let k = key_of(&prepared, &new)?;
+                    t.add(Change::Upsert { new }, [k], opts.batch_changes)?;
                 }
             }
             LogicalMessage::Update {
                 relation, old, new, ..
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    t.keys.push(key_of(&prepared, &new)?);
+                    let k = key_of(&prepared, &new)?;
                     match old {
                         Some((old_kind, old)) => {
-                            t.keys.push(key_of(&prepared, &old)?);
-                            t.changes.push(Change::KeyChange { old, old_kind, new });
+                            let ko = key_of(&prepared, &old)?;
+                            t.add(
+                                Change::KeyChange { old, old_kind, new },
+                                [k, ko],
+                                opts.batch_changes,
+                            )?;
                         }
-                        None => t.changes.push(Change::Upsert { new }),
+                        None => t.add(Change::Upsert { new }, [k], opts.batch_changes)?,
                     }
                 }
             }
@@ -886,8 +976,8 @@ async fn run_once(
                 ..
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    t.keys.push(key_of(&prepared, &old)?);
-                    t.changes.push(Change::Delete { old });
+                    let k = key_of(&prepared, &old)?;
+                    t.add(Change::Delete { old }, [k], opts.batch_changes)?;
                 }
             }
             LogicalMessage::Truncate { relations, .. }
@@ -905,7 +995,18 @@ async fn run_once(
                 let Some(t) = txn.take() else { continue };
                 last_end = end_lsn;
                 tracker.on_commit(t.xid, t.keys);
-                if committed.is_some_and(|c| end_lsn <= c) || t.changes.is_empty() {
+                if committed.is_some_and(|c| end_lsn <= c)
+                    || (t.changes.is_empty() && t.spill.is_none())
+                {
+                    continue;
+                }
+                if let Some(spill) = t.spill {
+                    // Too large for one batch: apply what came before, then this transaction
+                    // alone, in parts, inside one target transaction.
+                    ap.flush(&stream).await?;
+                    ap.apply_large(&stream, spill, t.changes, end_lsn, opts.batch_changes)
+                        .await?;
+                    oldest_unapplied = None;
                     continue;
                 }
                 oldest_unapplied.get_or_insert_with(Instant::now);
@@ -1023,10 +1124,42 @@ async fn run_once(
     }
 }
 
+/// The source transaction being received. Without streaming, a transaction arrives whole at
+/// its commit position, so the watermark windows open at its Begin are those open at its
+/// Commit: keys are collected only when one is.
 struct Txn {
     xid: u32,
     changes: Vec<Change>,
     keys: Vec<KeyValue>,
+    track: bool,
+    /// Changes beyond what is held in memory, for transactions larger than a batch.
+    spill: Option<Spill>,
+}
+
+impl Txn {
+    fn add(
+        &mut self,
+        change: Change,
+        keys: impl IntoIterator<Item = KeyValue>,
+        limit: usize,
+    ) -> Result<(), RunError> {
+        if self.track {
+            self.keys.extend(keys);
+        }
+        self.changes.push(change);
+        if self.changes.len() >= limit {
+            let spill = match self.spill.as_mut() {
+                Some(s) => s,
+                None => self
+                    .spill
+                    .insert(Spill::new().map_err(|e| RunError::Fatal(e.to_string()))?),
+            };
+            for c in self.changes.drain(..) {
+                spill.push(&c).map_err(|e| RunError::Fatal(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

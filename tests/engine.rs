@@ -459,3 +459,40 @@ fn bad_input_to_run_is_explained() {
     assert!(err.contains("preflight") && err.contains("orders"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+#[test]
+fn a_source_transaction_larger_than_a_batch_is_applied_whole() {
+    let (c, db) = testpg::fresh_db("engine_large_txn").unwrap();
+    setup(c, &db, 30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "large_txn", &c.url(&db), 5000);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(120)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // One transaction of 50,000 changes (more than a 20,000-change batch): updates, inserts,
+    // key changes and deletes.
+    c.psql(
+        &db,
+        "BEGIN;
+         UPDATE orders SET status = 'bulk', total_amount = total_amount + 1;
+         INSERT INTO orders (customer_id, total_amount, status) SELECT 1 + i % 97, i, 'bulk-new' FROM generate_series(1, 15000) i;
+         UPDATE orders SET customer_id = customer_id + 1 WHERE id % 10 = 0;
+         DELETE FROM orders WHERE id % 13 = 0;
+         COMMIT;",
+    )
+    .unwrap();
+    if !wait_equal(c, &db, Duration::from_secs(90)) {
+        common::assert_orders_equal(c, &db);
+    }
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("applying a large source transaction in parts"),
+        "{log}"
+    );
+    common::assert_orders_equal(c, &db);
+}
