@@ -141,6 +141,15 @@ fn crash_run(seed: u64) {
     }
     assert!(kills >= 3);
     eprintln!("seed {seed}: {kills} kills, {stats:?}");
+    // Free the slot: many seeds share one cluster with a fixed number of slots.
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Seeds to run: `SHADOWMIG_CRASH_SEEDS=a..b` soaks many (e.g. `1..200`); CI runs a few.
