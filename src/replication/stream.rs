@@ -615,7 +615,9 @@ async fn reader_task<R: AsyncRead + Unpin>(
     cmd: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
 ) {
-    let max_batch = MAX_BATCH.min(q.capacity);
+    // A batch must fit into the free room: a quarter of the capacity lets the queue fill to
+    // at least three quarters before the reader waits.
+    let max_batch = (q.capacity / 4).clamp(1, MAX_BATCH);
     let mut frames = Vec::with_capacity(max_batch);
     loop {
         // Wait for one message, then take every complete one already buffered: one channel
