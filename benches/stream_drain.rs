@@ -113,7 +113,12 @@ fn main() {
         let secs = if native {
             recvlogical(&c, &db, slot, end)
         } else {
-            let (secs, n) = rt.block_on(drain(&c.url(&db), slot, end));
+            // Spawned, as a consumer inside `shadowmig run` is: on a worker thread, not the
+            // main thread that blocks on the runtime.
+            let (url, slot_name) = (c.url(&db), slot.to_string());
+            let (secs, n) = rt
+                .block_on(async move { tokio::spawn(drain(url, slot_name, end)).await })
+                .expect("drain task");
             assert_eq!(n, changes, "our stream counted every change");
             secs
         };
@@ -180,12 +185,12 @@ fn recvlogical(c: &TestCluster, db: &str, slot: &str, end: Lsn) -> f64 {
 }
 
 /// Drains `slot` with our stream until `end`; returns seconds and the row changes counted.
-async fn drain(url: &str, slot: &str, end: Lsn) -> (f64, u64) {
+async fn drain(url: String, slot: String, end: Lsn) -> (f64, u64) {
     let t = Instant::now();
-    let client = ReplicationClient::connect(url).await.expect("connect");
+    let client = ReplicationClient::connect(&url).await.expect("connect");
     let opts = PgOutputOptions::new(1).publication("p");
     let mut s = client
-        .start_logical(slot, Lsn::ZERO, &opts, StreamConfig::default())
+        .start_logical(&slot, Lsn::ZERO, &opts, StreamConfig::default())
         .await
         .expect("start");
     let mut n = 0u64;
