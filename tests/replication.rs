@@ -312,6 +312,26 @@ async fn slots_temporary_and_permanent_with_and_without_snapshot() {
         .is_err());
     drop(tx);
 
+    // SNAPSHOT 'use': the slot's snapshot becomes this session's open transaction's, so the
+    // session can read exactly the rows the stream will not send.
+    cl.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let u = cl
+        .create_logical_slot("repl_tmp_use", true, SnapshotAction::Use)
+        .await
+        .unwrap();
+    assert_eq!(u.snapshot_name, None);
+    c.psql(&db, &format!("INSERT INTO {TABLE} VALUES (3, 'later')"))
+        .unwrap();
+    assert_eq!(
+        cl.simple_query(&format!("SELECT count(*) FROM {TABLE}"))
+            .await
+            .unwrap(),
+        vec![vec![Some("2".to_string())]]
+    );
+    cl.simple_query("COMMIT").await.unwrap();
+
     // Permanent slot without a snapshot.
     let p = cl
         .create_logical_slot("repl_perm", false, SnapshotAction::Nothing)
