@@ -505,3 +505,80 @@ fn a_source_transaction_larger_than_a_batch_is_applied_whole() {
     );
     common::assert_orders_equal(c, &db);
 }
+
+#[test]
+fn every_common_type_survives_backfill_and_streaming() {
+    let (c, db) = testpg::fresh_db("engine_types").unwrap();
+    c.psql(
+        &db,
+        r#"CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+        CREATE SCHEMA "Odd ""S""";
+        CREATE TABLE "Odd ""S"""."Typed ✓" (
+            "Id" int PRIMARY KEY, t text, n numeric(12,3), ts timestamptz, jb jsonb, js json,
+            b bytea, arr int[], m mood, u uuid, p point, big text, nul text
+        );
+        ALTER TABLE "Odd ""S"""."Typed ✓" ALTER COLUMN big SET STORAGE EXTERNAL;
+        INSERT INTO "Odd ""S"""."Typed ✓"
+        SELECT i, 'täxt ' || i, i * 1.5, '2024-05-01 12:00:00+02'::timestamptz + i * interval '1 hour',
+               jsonb_build_object('k', i, 'a', jsonb_build_array(1, 'x')), json_build_object('k', i)::json,
+               decode(md5(i::text), 'hex'), ARRAY[i, -i, NULL], (ARRAY['sad','ok','happy']::mood[])[1 + i % 3],
+               md5(i::text)::uuid, point(i, -i), CASE WHEN i % 4 = 0 THEN repeat(md5(i::text), 300) END, NULL
+        FROM generate_series(1, 400) i;"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("types.toml");
+    let url = c.url(&db);
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "types_mig"
+[source]
+url = "{url}"
+table = '"Odd ""S"""."Typed ✓"'
+[target]
+table = '"Odd ""S"""."Typed v2 ✓"'
+create = '''CREATE TABLE "Odd ""S"""."Typed v2 ✓" (LIKE "Odd ""S"""."Typed ✓"); ALTER TABLE "Odd ""S"""."Typed v2 ✓" ADD PRIMARY KEY ("Id")'''
+[copy]
+chunk_rows = 64
+"#
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    let expected = r#"SELECT x::text FROM "Odd ""S"""."Typed ✓" x"#;
+    let actual = r#"SELECT x::text FROM "Odd ""S"""."Typed v2 ✓" x"#;
+    let equal = |c: &TestCluster| matches!(common::try_diff(c, &db, expected, actual), Some((m, e)) if m.is_empty() && e.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !equal(c) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        equal(c),
+        "backfill differs:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Streaming: updates that leave the TOASTed column alone, set NULLs, change every type.
+    c.psql(
+        &db,
+        r#"UPDATE "Odd ""S"""."Typed ✓" SET t = t || '!', n = -n, p = point(0.5, 1e10), js = '[1, {"a": null}]'
+           WHERE "Id" % 3 = 0;
+           UPDATE "Odd ""S"""."Typed ✓" SET arr = NULL, jb = 'null', m = 'happy', b = '\x00ff' WHERE "Id" % 5 = 0;
+           UPDATE "Odd ""S"""."Typed ✓" SET big = big || 'tail' WHERE "Id" % 8 = 0;
+           DELETE FROM "Odd ""S"""."Typed ✓" WHERE "Id" % 7 = 0;
+           INSERT INTO "Odd ""S"""."Typed ✓" ("Id", t, big) VALUES (1000, 'new', repeat('z', 9000));"#,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !equal(c) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let diff = common::try_diff(c, &db, expected, actual);
+    assert!(
+        equal(c),
+        "streaming differs: {diff:#?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+}
