@@ -13,6 +13,7 @@ pub mod abort;
 pub mod apply;
 pub mod catalog;
 pub mod cli;
+pub mod control;
 pub mod copy;
 pub mod lsn;
 pub mod pgoutput;

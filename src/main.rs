@@ -214,6 +214,36 @@ fn abort_command(path: &std::path::Path) -> i32 {
     }
 }
 
+type ControlFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<String, shadowmig::control::ControlError>>>,
+>;
+
+/// `pause`, `resume`, `throttle`: one line on stdout, exit 0; or one line on stderr, exit 1.
+fn control_command(
+    name: &str,
+    path: &std::path::Path,
+    f: impl FnOnce(shadowmig::spec::Spec) -> ControlFuture,
+) -> i32 {
+    let (spec, _) = match load_spec(name, path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rt = match runtime(name, false) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(f(spec)) {
+        Ok(line) => {
+            println!("{line}");
+            0
+        }
+        Err(e) => {
+            eprintln!("shadowmig {name}: {}", one_line(&e));
+            1
+        }
+    }
+}
+
 /// `shadowmig tail`: exit 0 on Ctrl-C/SIGTERM, 1 with one line on stderr for bad input.
 fn tail_command(opts: shadowmig::tail::TailOptions) -> i32 {
     let rt = match runtime("tail", false) {
@@ -245,6 +275,29 @@ fn main() {
         } => run_command(&spec, exit_when_caught_up),
         Command::Status { spec, json } => status_command(&spec, json),
         Command::Abort { spec } => abort_command(&spec),
+        Command::Pause { spec } => control_command("pause", &spec, |s| {
+            Box::pin(async move { shadowmig::control::set_paused(&s, true).await })
+        }),
+        Command::Resume { spec } => control_command("resume", &spec, |s| {
+            Box::pin(async move { shadowmig::control::set_paused(&s, false).await })
+        }),
+        Command::Throttle {
+            spec,
+            chunk_rows,
+            workers,
+            max_lag_bytes,
+            max_apply_lag_ms,
+        } => {
+            let t = shadowmig::control::Throttle {
+                chunk_rows,
+                workers,
+                max_lag_bytes,
+                max_apply_lag_ms,
+            };
+            control_command("throttle", &spec, move |s| {
+                Box::pin(async move { shadowmig::control::throttle(&s, &t).await })
+            })
+        }
         Command::Tail {
             url,
             table,

@@ -498,10 +498,14 @@ impl Job {
     }
 }
 
+/// The most backfill workers `throttle --workers` may ask for.
+pub const MAX_WORKERS: usize = 16;
+
 /// Knobs shared with the copier, changed by runtime controls.
 #[derive(Debug)]
 struct Shared {
     paused: AtomicBool,
+    workers: AtomicU64,
     chunk_rows: AtomicU64,
     max_lag_bytes: AtomicU64,
     max_apply_lag_ms: AtomicU64,
@@ -788,6 +792,7 @@ async fn run_once(
         .unwrap_or(1);
     let shared = Arc::new(Shared {
         paused: AtomicBool::new(false),
+        workers: AtomicU64::new(u64::from(spec.copy.workers.max(1))),
         chunk_rows: AtomicU64::new(spec.copy.chunk_rows),
         max_lag_bytes: AtomicU64::new(spec.throttle.max_lag_bytes),
         max_apply_lag_ms: AtomicU64::new(spec.throttle.max_apply_lag_ms),
@@ -1229,20 +1234,33 @@ async fn pause(
     Ok(Outcome::Paused(msg))
 }
 
+/// Reads the operator's controls (`pause`, `resume`, `throttle`) from the state table and
+/// logs each change once.
 async fn read_controls(c: &Client, name: &str, shared: &Shared) {
     let Ok(Some(m)) = state::read_migration(c, name).await else {
         return;
     };
-    shared.paused.store(m.paused, Ordering::Relaxed);
-    if let Some(v) = m.chunk_rows.filter(|v| *v > 0) {
-        shared.chunk_rows.store(v as u64, Ordering::Relaxed);
+    if shared.paused.swap(m.paused, Ordering::Relaxed) != m.paused {
+        tracing::info!(
+            "backfill {} by the operator",
+            if m.paused { "paused" } else { "resumed" }
+        );
     }
-    if let Some(v) = m.max_lag_bytes.filter(|v| *v > 0) {
-        shared.max_lag_bytes.store(v as u64, Ordering::Relaxed);
-    }
-    if let Some(v) = m.max_apply_lag_ms.filter(|v| *v > 0) {
-        shared.max_apply_lag_ms.store(v as u64, Ordering::Relaxed);
-    }
+    let set = |slot: &AtomicU64, v: Option<i64>, what: &str| {
+        if let Some(v) = v.filter(|v| *v > 0).map(|v| v as u64) {
+            if slot.swap(v, Ordering::Relaxed) != v {
+                tracing::info!("{what} set to {v} by the operator");
+            }
+        }
+    };
+    set(&shared.chunk_rows, m.chunk_rows, "chunk_rows");
+    set(&shared.workers, m.workers.map(i64::from), "workers");
+    set(&shared.max_lag_bytes, m.max_lag_bytes, "max_lag_bytes");
+    set(
+        &shared.max_apply_lag_ms,
+        m.max_apply_lag_ms,
+        "max_apply_lag_ms",
+    );
 }
 
 /// The backfill: plans key ranges in order and reads them with `workers` connections, each
@@ -1259,8 +1277,9 @@ async fn copier(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     job_tx: mpsc::UnboundedSender<Job>,
 ) {
-    let workers = spec.copy.workers.max(1) as usize;
-    let permits = Arc::new(Semaphore::new(workers));
+    // Sized for the most workers an operator may ask for; `shared.workers` caps how many
+    // chunks are read at once, and connections are opened as they are first needed.
+    let permits = Arc::new(Semaphore::new(MAX_WORKERS));
     let planner_client = match catalog::connect(&spec.source.url).await {
         Ok(c) => c,
         Err(e) => {
@@ -1271,16 +1290,7 @@ async fn copier(
     let mut lo = frontier;
     let mut planned_all = done;
     let mut next_id: u64 = 1;
-    let mut worker_clients = Vec::new();
-    for _ in 0..workers {
-        match catalog::connect(&spec.source.url).await {
-            Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
-            Err(e) => {
-                tracing::error!("backfill: cannot connect to the source: {e}");
-                return;
-            }
-        }
-    }
+    let mut worker_clients: Vec<Arc<tokio::sync::Mutex<Client>>> = Vec::new();
     let mut rr = 0usize;
     let mut throttled = false;
     loop {
@@ -1331,9 +1341,22 @@ async fn copier(
                 job
             }
         };
+        let workers = (shared.workers.load(Ordering::Relaxed) as usize).clamp(1, MAX_WORKERS);
+        while MAX_WORKERS - permits.available_permits() >= workers {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        while worker_clients.len() < workers {
+            match catalog::connect(&spec.source.url).await {
+                Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
+                Err(e) => {
+                    tracing::error!("backfill: cannot connect to the source: {e}");
+                    return;
+                }
+            }
+        }
         let client = worker_clients[rr % workers].clone();
         rr += 1;
         let source = source.clone();

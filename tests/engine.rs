@@ -582,3 +582,101 @@ chunk_rows = 64
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
 }
+
+fn status_json(spec: &Path) -> serde_json::Value {
+    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn pause_resume_and_throttle_act_on_a_running_backfill() {
+    let (c, db) = testpg::fresh_db("engine_controls").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "controls_mig", &c.url(&db), 50);
+    let out = shadowmig(&["pause", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no migration yet: a clear error"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shadowmig run"));
+
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_json(&spec)["copy"]["rows_copied"]
+        .as_i64()
+        .unwrap_or(0)
+        == 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = shadowmig(&["pause", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let a = status_json(&spec);
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = status_json(&spec);
+    assert_eq!(a["controls"]["paused"], true);
+    assert_eq!(
+        a["copy"]["rows_copied"], b["copy"]["rows_copied"],
+        "paused backfill must not copy"
+    );
+    assert_eq!(b["copy"]["done"], false);
+
+    let out = shadowmig(&[
+        "throttle",
+        spec.to_str().unwrap(),
+        "--chunk-rows",
+        "5000",
+        "--workers",
+        "3",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = shadowmig(&["throttle", spec.to_str().unwrap(), "--workers", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let out = shadowmig(&["resume", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let st = status_json(&spec);
+    assert_eq!(st["controls"]["chunk_rows"], 5000);
+    assert_eq!(st["controls"]["workers"], 3);
+    assert_eq!(st["controls"]["paused"], false);
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    for line in [
+        "backfill paused by the operator",
+        "backfill resumed by the operator",
+        "chunk_rows set to 5000",
+        "workers set to 3",
+    ] {
+        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
+    }
+}
