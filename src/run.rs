@@ -848,6 +848,21 @@ async fn run_once(
     let mut control_check = Instant::now();
     let started = Instant::now();
     let mut caught_up_logged = false;
+    let mut bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let estimate: Option<i64> = src
+            .query_opt(
+                "SELECT sum(greatest(c.reltuples, 0))::int8 FROM pg_class c \
+                 WHERE c.oid = $1::int8::oid OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid) WHERE isleaf)",
+                &[&i64::from(prepared.source_oid)],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.try_get(0).ok());
+        Some(Progress::new(estimate.unwrap_or(0).max(0) as u64))
+    } else {
+        None
+    };
 
     loop {
         if *shutdown.borrow() {
@@ -865,7 +880,9 @@ async fn run_once(
                 .unwrap_or(0);
             shared.apply_lag_ms.store(lag, Ordering::Relaxed);
         }
-        if last_report.elapsed() > Duration::from_secs(5) {
+        if let Some(bar) = bar.as_mut() {
+            bar.update(&copy_state, ap.applied, last_end);
+        } else if last_report.elapsed() > Duration::from_secs(5) {
             last_report = Instant::now();
             tracing::info!(
                 rows_copied = copy_state.rows_copied,
@@ -1164,6 +1181,60 @@ impl Txn {
             }
         }
         Ok(())
+    }
+}
+
+/// The terminal display of `run`: a bar with rate and ETA while backfilling, then a line
+/// of streaming figures. Off the terminal, periodic log lines say the same.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    streaming: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(estimate: u64) -> Progress {
+        let bar = indicatif::ProgressBar::new(estimate);
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} backfill [{bar:30}] {human_pos}/{human_len} rows  {rate}  ETA {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key("rate", |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0} rows/s", st.per_sec());
+        })
+        .progress_chars("=> ");
+        bar.set_style(style);
+        Progress {
+            bar,
+            streaming: false,
+            last: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, copy: &CopyState, applied: u64, position: Lsn) {
+        if self.last.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last = Instant::now();
+        if copy.done && !self.streaming {
+            self.streaming = true;
+            self.bar.finish_with_message("done");
+            self.bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} streaming  {msg}")
+            {
+                self.bar.set_style(style);
+            }
+        }
+        let copied = copy.rows_copied.max(0) as u64;
+        if !self.streaming {
+            if copied > self.bar.length().unwrap_or(0) {
+                self.bar.set_length(copied);
+            }
+            self.bar.set_position(copied);
+        }
+        self.bar
+            .set_message(format!("{applied} changes applied, at {position}"));
+        self.bar.tick();
     }
 }
 
