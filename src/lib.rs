@@ -16,6 +16,7 @@ pub mod cli;
 pub mod control;
 pub mod copy;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod plan;
 pub mod raw;

@@ -529,6 +529,12 @@ pub async fn run(
             .map_err(|e| RunError::Setup(e.to_string()))?;
         set_up(spec, spec_text, &src, &mut tgt).await?;
     }
+    // Observability must not stop a migration: without the endpoint, say so and go on.
+    match crate::metrics::install(spec.metrics.listen) {
+        Ok(()) => tracing::info!("metrics on http://{}/metrics", spec.metrics.listen),
+        Err(e) => tracing::warn!("{e}; running without the metrics endpoint"),
+    }
+    metrics::gauge!(crate::metrics::STAGE).set(0.0);
     let mut backoff = Duration::from_millis(500);
     loop {
         match run_once(spec, opts, &mut shutdown).await {
@@ -567,6 +573,8 @@ struct Applier<'a> {
     /// target lacks); recorded durably in the same transaction, to be re-read as a chunk.
     new_rereads: Vec<KeyValue>,
     applied: u64,
+    /// How many of the batch's changes are backfilled rows (the rest are streamed changes).
+    batch_copied: u64,
 }
 
 impl Applier<'_> {
@@ -585,6 +593,7 @@ impl Applier<'_> {
         let Some(lsn) = self.batch_lsn else {
             return Ok(());
         };
+        let started = Instant::now();
         let name = &self.spec.name;
         let tx = self
             .tgt
@@ -626,6 +635,12 @@ impl Applier<'_> {
         self.writer.batch_committed();
         stream.confirm(lsn);
         self.applied += n as u64;
+        metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
+        metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL)
+            .increment(n as u64 - self.batch_copied.min(n as u64));
+        metrics::histogram!(crate::metrics::BATCH_SIZE).record(n as f64);
+        metrics::histogram!(crate::metrics::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+        self.batch_copied = 0;
         self.batch.clear();
         self.batch_lsn = None;
         self.batch_copy = None;
@@ -698,6 +713,7 @@ impl Applier<'_> {
         self.writer.batch_committed();
         stream.confirm(lsn);
         self.applied += total;
+        metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(total);
         self.new_rereads.extend(rereads);
         Ok(())
     }
@@ -833,6 +849,7 @@ async fn run_once(
         rereads_done: Vec::new(),
         new_rereads: Vec::new(),
         applied: 0,
+        batch_copied: 0,
     };
     let mut decoder = Decoder::new(1);
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
@@ -879,6 +896,20 @@ async fn run_once(
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0);
             shared.apply_lag_ms.store(lag, Ordering::Relaxed);
+            metrics::gauge!(crate::metrics::APPLY_LAG_SECONDS).set(lag as f64 / 1000.0);
+            // Lag in bytes: the source's WAL position against what is confirmed (the slot
+            // advances over other tables' WAL while idle too).
+            if let Ok(row) = src
+                .query_one(
+                    "SELECT coalesce((SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
+                     FROM pg_replication_slots WHERE slot_name = $1), 0)",
+                    &[&spec.slot_name()],
+                )
+                .await
+            {
+                let bytes: i64 = row.get(0);
+                metrics::gauge!(crate::metrics::APPLY_LAG_BYTES).set(bytes as f64);
+            }
         }
         if let Some(bar) = bar.as_mut() {
             bar.update(&copy_state, ap.applied, last_end);
@@ -1080,6 +1111,7 @@ async fn run_once(
                                         .map_err(|e| RunError::Fatal(e.to_string()))?;
                                     if !touched.contains(&k) {
                                         ap.push(lsn, Change::Upsert { new: row });
+                                        ap.batch_copied += 1;
                                         n += 1;
                                     }
                                 }
@@ -1199,9 +1231,12 @@ impl Progress {
             "{spinner} backfill [{bar:30}] {human_pos}/{human_len} rows  {rate}  ETA {eta}  {msg}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .with_key("rate", |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-            let _ = write!(w, "{:.0} rows/s", st.per_sec());
-        })
+        .with_key(
+            "rate",
+            |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} rows/s", st.per_sec());
+            },
+        )
         .progress_chars("=> ");
         bar.set_style(style);
         Progress {

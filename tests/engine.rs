@@ -680,3 +680,72 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
         assert!(log.contains(line), "log lacks {line:?}:\n{log}");
     }
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn prometheus_metrics_report_copy_and_apply() {
+    let (c, db) = testpg::fresh_db("engine_metrics").unwrap();
+    setup(c, &db, 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "metrics_mig", &c.url(&db), 300);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut text = std::fs::read_to_string(&spec).unwrap();
+    text.push_str(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    std::fs::write(&spec, text).unwrap();
+    let mut child = spawn_run(&spec, &dir.path().join("run.log"));
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    c.psql(&db, "UPDATE orders SET status = 'm' WHERE id <= 25")
+        .unwrap();
+    assert!(wait_equal(c, &db, Duration::from_secs(30)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut body = String::new();
+    while Instant::now() < deadline {
+        body = http_get(port, "/metrics");
+        if metric(&body, "shadowmig_changes_applied_total").unwrap_or(0.0) >= 25.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        metric(&body, "shadowmig_rows_copied_total"),
+        Some(1500.0),
+        "{body}"
+    );
+    assert!(
+        metric(&body, "shadowmig_changes_applied_total").unwrap_or(0.0) >= 25.0,
+        "{body}"
+    );
+    for name in [
+        "shadowmig_apply_lag_bytes",
+        "shadowmig_apply_lag_seconds",
+        "shadowmig_batch_size_count",
+        "shadowmig_apply_seconds_count",
+        "shadowmig_stage",
+    ] {
+        assert!(metric(&body, name).is_some(), "{name} missing:\n{body}");
+    }
+    assert!(
+        body.contains("# HELP shadowmig_rows_copied_total"),
+        "{body}"
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+}
