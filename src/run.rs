@@ -634,6 +634,7 @@ impl Applier<'_> {
             .map_err(|e| pg_err("committing a batch", e))?;
         self.writer.batch_committed();
         stream.confirm(lsn);
+        tracing::debug!(%lsn, changes = n, copied = self.batch_copied, "batch committed");
         self.applied += n as u64;
         metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
         metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL)
@@ -1079,7 +1080,10 @@ async fn run_once(
                     continue;
                 };
                 match kind {
-                    "lw" => tracker.on_low(id),
+                    "lw" => {
+                        tracing::debug!(chunk = id, position = %last_end, "low watermark");
+                        tracker.on_low(id)
+                    }
                     "hw" => {
                         // The copier sends a chunk's rows before it emits its hw.
                         while !ready.contains_key(&id) {
@@ -1095,7 +1099,19 @@ async fn run_once(
                         let Some(chunk) = ready.remove(&id) else {
                             continue;
                         };
-                        match tracker.on_high(id, &chunk.snapshot) {
+                        let outcome = tracker.on_high(id, &chunk.snapshot);
+                        tracing::debug!(
+                            chunk = id,
+                            rows = chunk.rows.len(),
+                            snapshot = ?chunk.snapshot,
+                            outcome = match &outcome {
+                                HighOutcome::Apply { touched } => format!("apply, {} touched", touched.len()),
+                                HighOutcome::Retry { xid } => format!("retry (xid {xid})"),
+                                HighOutcome::Unknown => "unknown".into(),
+                            },
+                            "high watermark"
+                        );
+                        match outcome {
                             HighOutcome::Retry { xid } => {
                                 tracing::info!(chunk = id, xid, "a transaction that committed just before the chunk's low watermark was invisible to its snapshot: reading the chunk again");
                                 let _ = job_tx.send(chunk.job);

@@ -94,6 +94,19 @@ fn orders_backfill_alone_matches() {
 fn crash_run(seed: u64) {
     let (c, db) = testpg::fresh_db(&format!("engine_crash_{seed}")).unwrap();
     setup(c, &db, 4000);
+    // A history of every row change with its transaction, to explain a failure.
+    c.psql(
+        &db,
+        "CREATE TABLE orders_audit (at timestamptz DEFAULT clock_timestamp(), xid bigint DEFAULT txid_current(), \
+           lsn pg_lsn DEFAULT pg_current_wal_insert_lsn(), op text, old_id bigint, old_c bigint, new_id bigint, new_c bigint);
+         CREATE FUNCTION orders_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           INSERT INTO orders_audit (op, old_id, old_c, new_id, new_c) VALUES
+             (TG_OP, CASE WHEN TG_OP <> 'INSERT' THEN OLD.id END, CASE WHEN TG_OP <> 'INSERT' THEN OLD.customer_id END,
+              CASE WHEN TG_OP <> 'DELETE' THEN NEW.id END, CASE WHEN TG_OP <> 'DELETE' THEN NEW.customer_id END);
+           RETURN NULL; END $$;
+         CREATE TRIGGER orders_audit AFTER INSERT OR UPDATE OR DELETE ON orders FOR EACH ROW EXECUTE FUNCTION orders_audit();",
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, &format!("crash_{seed}"), &c.url(&db), 300);
     let log = dir.path().join("runs.log");
@@ -137,6 +150,21 @@ fn crash_run(seed: u64) {
             std::env::temp_dir().join(format!("shadowmig-crash-{seed}-{}.log", std::process::id()));
         let _ = std::fs::copy(&log, &keep);
         eprintln!("run logs kept in {}", keep.display());
+        let (missing, extra) = common::diff(c, &db, common::ORDERS_EXPECTED, common::ORDERS_ACTUAL);
+        for row in missing.iter().chain(extra.iter()) {
+            let mut f = row.trim_start_matches('(').split(',');
+            let (cust, id) = (f.next().unwrap_or("0"), f.next().unwrap_or("0"));
+            eprintln!(
+                "history of id {id} (customer {cust}):\n{}",
+                c.psql(
+                    &db,
+                    &format!(
+                        "SELECT * FROM orders_audit WHERE {id} IN (old_id, new_id) ORDER BY at"
+                    )
+                )
+                .unwrap_or_default()
+            );
+        }
         std::panic::resume_unwind(e);
     }
     assert!(kills >= 3);
