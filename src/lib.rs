@@ -18,3 +18,4 @@ pub mod replication;
 pub mod spec;
 pub mod tail;
 pub mod testpg;
+pub mod verify;
