@@ -389,6 +389,22 @@ async fn no_false_positive_in_20_runs_under_concurrent_writes() {
         buckets_seen += r.differing_buckets;
         candidates += r.candidates;
     }
+    // The re-check alone, on keys the workload is changing right now: never a difference.
+    let ctx = verify::VerifyContext::open(&spec, &opts()).await.unwrap();
+    for _ in 0..5 {
+        let keys: Vec<verify::KeyText> = c
+            .psql(
+                &db,
+                "SELECT customer_id || ',' || id FROM public.orders ORDER BY id DESC LIMIT 300",
+            )
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').map(|p| Some(p.to_string())).collect())
+            .collect();
+        assert_eq!(keys.len(), 300);
+        let r = verify::recheck(&ctx, &keys).await.unwrap();
+        assert!(r.differences.is_empty() && r.unsettled.is_empty(), "{r:?}");
+    }
     stop.store(true, Ordering::Relaxed);
     let stats = workload.await.unwrap();
     states.push(count());
@@ -646,4 +662,28 @@ fn binary_exit_codes_and_json() {
     let (code, _, err) = bin(&["verify", p]);
     assert_eq!(code, 2);
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[tokio::test]
+async fn the_spec_throttle_bounds_the_reading_rate() {
+    let (c, db) = testpg::fresh_db("verify_throttle").unwrap();
+    orders_setup(c, &db, 1000);
+    let text = spec_text(
+        "throttled",
+        &c.url(&db),
+        "public.orders",
+        &c.url(&db),
+        "public.orders_v2",
+        ORDERS_TRANSFORMS,
+    ) + "[throttle]\nmax_rows_per_sec = 1000\n";
+    let spec = Spec::parse(&text, "t.toml").unwrap();
+    let start = std::time::Instant::now();
+    let r = run(&spec, &opts()).await;
+    let took = start.elapsed();
+    assert!(r.equal, "{}", r.render());
+    // 2000 rows (both sides) at 1000 rows/s.
+    assert!(took >= Duration::from_millis(1800), "{took:?}");
+    let start = std::time::Instant::now();
+    run(&orders_spec(c, &db, &db), &opts()).await;
+    assert!(start.elapsed() < took / 2, "unthrottled must be faster");
 }

@@ -245,21 +245,19 @@ async fn build_shape(
     let mut columns = Vec::new();
     let mut excluded = Vec::new();
     for c in &tcols {
-        let (expr, plain) = if c.generated {
+        let expr = if c.generated {
             excluded.push(ExcludedColumn {
                 column: c.name.clone(),
                 reason: "generated in the target".into(),
             });
             continue;
         } else if let Some(e) = spec.transform.get(&c.name) {
-            let plain =
-                sql::plain_column_name(e).is_some_and(|n| scols.iter().any(|s| s.name == n));
-            (e.clone(), plain)
+            e.clone()
         } else if scols.iter().any(|s| s.name == c.name) {
-            (quote_ident(&c.name), true)
+            quote_ident(&c.name)
         } else if c.has_default {
             match defaults.get(&c.name) {
-                Some(d) => (d.clone(), false),
+                Some(d) => d.clone(),
                 None => {
                     excluded.push(ExcludedColumn {
                         column: c.name.clone(),
@@ -270,13 +268,12 @@ async fn build_shape(
             }
         } else {
             // Nothing fills it: every insert leaves it NULL.
-            ("NULL".to_string(), false)
+            "NULL".to_string()
         };
         columns.push(ComparedColumn {
             name: c.name.clone(),
             type_name: c.type_name.clone(),
             source_expr: expr,
-            plain_column: plain,
         });
     }
     let mut key = Vec::new();
@@ -290,6 +287,11 @@ async fn build_shape(
             }
         }
     }
+    let key_hashable = tkey.iter().all(|k| {
+        tcols
+            .iter()
+            .any(|c| &c.name == k && sql::HASHABLE_KEY_TYPES.contains(&c.type_oid))
+    });
     Ok(Shape {
         source_sql: spec.source.table.quoted(),
         source_alias: spec.source.table.name.clone(),
@@ -299,6 +301,7 @@ async fn build_shape(
         key,
         excluded,
         keys_only,
+        key_hashable,
     })
 }
 

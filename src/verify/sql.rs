@@ -20,9 +20,6 @@ pub struct ComparedColumn {
     pub type_name: String,
     /// The SQL over source columns that yields it.
     pub source_expr: String,
-    /// The source expression is a plain reference to a source column of that name, so
-    /// lookups by key can use the source's own index.
-    pub plain_column: bool,
 }
 
 /// A target column left out of the comparison, and why.
@@ -54,7 +51,17 @@ pub struct Shape {
     pub excluded: Vec<ExcludedColumn>,
     /// Compare key presence only.
     pub keys_only: bool,
+    /// Every key column has a built-in type with an extended hash function, so buckets use
+    /// `hash_record_extended` (no text output) instead of hashing the key's text.
+    pub key_hashable: bool,
 }
+
+/// Built-in types whose extended hash function `hash_record_extended` may use for buckets
+/// (bool, bytea, char, name, int8, int2, int4, text, oid, bpchar, varchar, date, time,
+/// timestamp, timestamptz, interval, numeric, uuid).
+pub const HASHABLE_KEY_TYPES: [u32; 18] = [
+    16, 17, 18, 19, 20, 21, 23, 25, 26, 1042, 1043, 1082, 1083, 1114, 1184, 1186, 1700, 2950,
+];
 
 /// Which table a statement reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -103,8 +110,16 @@ impl Shape {
             .collect()
     }
 
-    /// The bucket of a row: a hash of its key's text form (seed 1), masked to [`BUCKETS`].
+    /// The bucket of a row: a hash of its key (seed 1), masked to [`BUCKETS`]. Both sides
+    /// hash values of the same (target) types, so a key lands in the same bucket on each.
     pub fn bucket_expr(&self, side: Side) -> String {
+        if self.key_hashable {
+            return format!(
+                "(hash_record_extended(ROW({}), 1) & {})::int4",
+                self.key_values(side).join(", "),
+                BUCKETS - 1
+            );
+        }
         format!(
             "(hashtextextended(ROW({})::text, 1) & {})::int4",
             self.key_values(side).join(", "),
@@ -166,6 +181,10 @@ impl Shape {
     /// Rows by key: `$1 … $n` are `text[]`, one per key column (the key's text form), zipped
     /// into key tuples. Returns the 1-based position of the key, the row as JSON text and the
     /// row's canonical text (`ROW(…)::text`, the very form the hashes were taken of).
+    ///
+    /// A plain join, not a lateral lookup per key: the subquery is pulled up, so when the key
+    /// is plain columns of the same types the planner probes the table's index per key, and
+    /// when it is computed it hash-joins one scan instead of scanning once per key.
     pub fn lookup_sql(&self, side: Side) -> String {
         let nk = self.key.len();
         let params: Vec<String> = (1..=nk).map(|i| format!("${i}::text[]")).collect();
@@ -176,18 +195,12 @@ impl Shape {
             .enumerate()
             .map(|(i, &k)| {
                 let c = &self.columns[k];
-                let param = format!("(__sm_keys.{})::{}", knames[i], c.type_name);
-                match side {
-                    // A plain column compares in its own type against the key's type, which
-                    // keeps the source's index usable (cross-type btree operators).
-                    Side::Source if c.plain_column => format!(
-                        "{}.{} = {param}",
-                        self.alias(side),
-                        quote_ident(&c.source_expr_column())
-                    ),
-                    Side::Source => format!("({}) = {param}", self.value(side, c)),
-                    Side::Target => format!("{} = {param}", self.value(side, c)),
-                }
+                format!(
+                    "__sm_r.{} = (__sm_keys.{})::{}",
+                    quote_ident(&c.name),
+                    knames[i],
+                    c.type_name
+                )
             })
             .collect();
         let selects: Vec<String> = self
@@ -202,7 +215,7 @@ impl Shape {
         format!(
             "SELECT __sm_keys.__sm_i::int8, to_jsonb(__sm_r)::text, __sm_r::text \
              FROM unnest({}) WITH ORDINALITY AS __sm_keys({}, __sm_i) \
-             JOIN LATERAL (SELECT {} FROM {table} AS {} WHERE {}) __sm_r ON true",
+             JOIN (SELECT {} FROM {table} AS {}) __sm_r ON {}",
             params.join(", "),
             knames.join(", "),
             selects.join(", "),
@@ -228,42 +241,14 @@ impl Shape {
             .map(|c| format!("{}={}::{}", c.name, c.source_expr, c.type_name))
             .collect();
         format!(
-            "v1;buckets={BUCKETS};keys_only={};{}->{};key={};{}",
+            "v1;buckets={BUCKETS};keys_only={};key_hash={};{}->{};key={};{}",
             self.keys_only,
+            self.key_hashable,
             self.source_sql,
             self.target_sql,
             self.key_names().join(","),
             cols.join(";")
         )
-    }
-}
-
-impl ComparedColumn {
-    /// The source column a plain expression names (unquoted).
-    fn source_expr_column(&self) -> String {
-        plain_column_name(&self.source_expr).unwrap_or_else(|| self.name.clone())
-    }
-}
-
-/// When `expr` is nothing but one column reference (`col` or `"Col"`), the column's name.
-pub fn plain_column_name(expr: &str) -> Option<String> {
-    let e = expr.trim();
-    if let Some(inner) = e.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
-        // Every inner quote must be doubled.
-        if inner.is_empty() || inner.replace("\"\"", "").contains('"') {
-            return None;
-        }
-        return Some(inner.replace("\"\"", "\""));
-    }
-    let mut chars = e.chars();
-    let first = chars.next()?;
-    if !(first == '_' || first.is_ascii_lowercase()) {
-        return None;
-    }
-    if chars.all(|c| c == '_' || c == '$' || c.is_ascii_lowercase() || c.is_ascii_digit()) {
-        Some(e.to_string())
-    } else {
-        None
     }
 }
 
@@ -306,24 +291,22 @@ mod tests {
                     name: "customer_id".into(),
                     type_name: "bigint".into(),
                     source_expr: "\"customer_id\"".into(),
-                    plain_column: true,
                 },
                 ComparedColumn {
                     name: "id".into(),
                     type_name: "bigint".into(),
                     source_expr: "\"id\"".into(),
-                    plain_column: true,
                 },
                 ComparedColumn {
                     name: "Amount ✓".into(),
                     type_name: "numeric(12,2)".into(),
                     source_expr: "total / 100.0".into(),
-                    plain_column: false,
                 },
             ],
             key: vec![0, 1],
             excluded: vec![],
             keys_only,
+            key_hashable: false,
         }
     }
 
@@ -339,38 +322,37 @@ mod tests {
             "hashtextextended(ROW(\"orders_v2\".\"customer_id\", \"orders_v2\".\"id\", \"orders_v2\".\"Amount ✓\")::text, 0)"
         );
         assert!(s.bucket_expr(Side::Target).contains("& 4095"));
+        let h = Shape {
+            key_hashable: true,
+            ..shape(false)
+        };
+        assert_eq!(
+            h.bucket_expr(Side::Source),
+            "(hash_record_extended(ROW((\"customer_id\")::bigint, (\"id\")::bigint), 1) & 4095)::int4"
+        );
         let k = shape(true);
         assert!(!k.hash_expr(Side::Source).contains("total"));
         assert_ne!(s.fingerprint(), k.fingerprint());
     }
 
     #[test]
-    fn lookup_uses_plain_columns_directly() {
+    fn lookup_joins_on_the_compared_key() {
         let s = shape(false);
         let sql = s.lookup_sql(Side::Source);
         assert!(
-            sql.contains("\"orders\".\"customer_id\" = (__sm_keys.__sm_k0)::bigint"),
+            sql.contains("__sm_r.\"customer_id\" = (__sm_keys.__sm_k0)::bigint"),
             "{sql}"
         );
         assert!(sql.contains("unnest($1::text[], $2::text[])"), "{sql}");
         let t = s.lookup_sql(Side::Target);
         assert!(
-            t.contains("\"orders_v2\".\"id\" = (__sm_keys.__sm_k1)::bigint"),
+            t.contains("__sm_r.\"id\" = (__sm_keys.__sm_k1)::bigint"),
             "{t}"
         );
-    }
-
-    #[test]
-    fn plain_column_names() {
-        assert_eq!(plain_column_name("id"), Some("id".into()));
-        assert_eq!(
-            plain_column_name(" \"A \"\"b\"\"\" "),
-            Some("A \"b\"".into())
+        assert!(
+            t.contains("FROM \"public\".\"orders_v2\" AS \"orders_v2\""),
+            "{t}"
         );
-        assert_eq!(plain_column_name("Id"), None);
-        assert_eq!(plain_column_name("a + 1"), None);
-        assert_eq!(plain_column_name("\"a\" || \"b\""), None);
-        assert_eq!(plain_column_name("1a"), None);
     }
 
     #[test]
