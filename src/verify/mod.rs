@@ -273,6 +273,7 @@ async fn build_shape(
         columns.push(ComparedColumn {
             name: c.name.clone(),
             type_name: c.type_name.clone(),
+            type_oid: c.type_oid,
             source_expr: expr,
         });
     }
@@ -287,11 +288,6 @@ async fn build_shape(
             }
         }
     }
-    let key_hashable = tkey.iter().all(|k| {
-        tcols
-            .iter()
-            .any(|c| &c.name == k && sql::HASHABLE_KEY_TYPES.contains(&c.type_oid))
-    });
     Ok(Shape {
         source_sql: spec.source.table.quoted(),
         source_alias: spec.source.table.name.clone(),
@@ -301,7 +297,6 @@ async fn build_shape(
         key,
         excluded,
         keys_only,
-        key_hashable,
     })
 }
 

@@ -223,7 +223,7 @@ impl Saver {
             return false;
         };
         let ddl = format!(
-            "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {} (
+            "SET client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {} (
                 migration text NOT NULL, mode text NOT NULL, fingerprint text NOT NULL,
                 frontier text NOT NULL, accumulators bytea NOT NULL,
                 updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (migration, mode))",

@@ -18,6 +18,8 @@ pub struct ComparedColumn {
     pub name: String,
     /// Its type as `format_type` prints it (what the source expression is cast to).
     pub type_name: String,
+    /// Its type's oid.
+    pub type_oid: u32,
     /// The SQL over source columns that yields it.
     pub source_expr: String,
 }
@@ -51,17 +53,20 @@ pub struct Shape {
     pub excluded: Vec<ExcludedColumn>,
     /// Compare key presence only.
     pub keys_only: bool,
-    /// Every key column has a built-in type with an extended hash function, so buckets use
-    /// `hash_record_extended` (no text output) instead of hashing the key's text.
-    pub key_hashable: bool,
 }
 
-/// Built-in types whose extended hash function `hash_record_extended` may use for buckets
-/// (bool, bytea, char, name, int8, int2, int4, text, oid, bpchar, varchar, date, time,
-/// timestamp, timestamptz, interval, numeric, uuid).
-pub const HASHABLE_KEY_TYPES: [u32; 18] = [
-    16, 17, 18, 19, 20, 21, 23, 25, 26, 1042, 1043, 1082, 1083, 1114, 1184, 1186, 1700, 2950,
+/// Built-in types whose values are equal exactly when their text forms are (with `TimeZone`
+/// pinned), so their binary hash (`hash_record_extended`, no text output: 2× cheaper) is as
+/// exact as hashing their text: bool, bytea, "char", name, int8, int2, int4, text, oid, varchar,
+/// date, time, timestamp, timestamptz, uuid. Not numeric (1.0 = 1.00), float (0 = -0), interval
+/// ('1 day' = '24 hours'), jsonb (numbers inside), bpchar, json, point…: those hash their text.
+pub const EXACT_HASH_TYPES: [u32; 15] = [
+    16, 17, 18, 19, 20, 21, 23, 25, 26, 1043, 1082, 1083, 1114, 1184, 2950,
 ];
+
+/// Collatable types among [`EXACT_HASH_TYPES`]: hashed under `COLLATE "C"` (bytewise), since a
+/// nondeterministic column collation would hash 'A' and 'a' alike.
+const COLLATABLE: [u32; 3] = [19, 25, 1043];
 
 /// Which table a statement reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -110,31 +115,43 @@ impl Shape {
             .collect()
     }
 
+    /// A value as it enters a hash: itself for [`EXACT_HASH_TYPES`], else its text form.
+    fn hashed(&self, side: Side, c: &ComparedColumn) -> String {
+        let v = self.value(side, c);
+        if COLLATABLE.contains(&c.type_oid) {
+            format!("({v}) COLLATE \"C\"")
+        } else if EXACT_HASH_TYPES.contains(&c.type_oid) {
+            v
+        } else {
+            format!("(({v})::text) COLLATE \"C\"")
+        }
+    }
+
+    fn hashed_key(&self, side: Side) -> Vec<String> {
+        self.key
+            .iter()
+            .map(|&k| self.hashed(side, &self.columns[k]))
+            .collect()
+    }
+
     /// The bucket of a row: a hash of its key (seed 1), masked to [`BUCKETS`]. Both sides
     /// hash values of the same (target) types, so a key lands in the same bucket on each.
     pub fn bucket_expr(&self, side: Side) -> String {
-        if self.key_hashable {
-            return format!(
-                "(hash_record_extended(ROW({}), 1) & {})::int4",
-                self.key_values(side).join(", "),
-                BUCKETS - 1
-            );
-        }
         format!(
-            "(hashtextextended(ROW({})::text, 1) & {})::int4",
-            self.key_values(side).join(", "),
+            "(hash_record_extended(ROW({}), 1) & {})::int4",
+            self.hashed_key(side).join(", "),
             BUCKETS - 1
         )
     }
 
-    /// The 64-bit hash of a row's canonical text (of its key only when `keys_only`).
+    /// The 64-bit hash of a row's canonical form (of its key only when `keys_only`).
     pub fn hash_expr(&self, side: Side) -> String {
         let vals = if self.keys_only {
-            self.key_values(side)
+            self.hashed_key(side)
         } else {
-            self.values(side)
+            self.columns.iter().map(|c| self.hashed(side, c)).collect()
         };
-        format!("hashtextextended(ROW({})::text, 0)", vals.join(", "))
+        format!("hash_record_extended(ROW({}), 0)", vals.join(", "))
     }
 
     fn alias(&self, side: Side) -> String {
@@ -241,9 +258,8 @@ impl Shape {
             .map(|c| format!("{}={}::{}", c.name, c.source_expr, c.type_name))
             .collect();
         format!(
-            "v1;buckets={BUCKETS};keys_only={};key_hash={};{}->{};key={};{}",
+            "v2;buckets={BUCKETS};keys_only={};{}->{};key={};{}",
             self.keys_only,
-            self.key_hashable,
             self.source_sql,
             self.target_sql,
             self.key_names().join(","),
@@ -290,23 +306,25 @@ mod tests {
                 ComparedColumn {
                     name: "customer_id".into(),
                     type_name: "bigint".into(),
+                    type_oid: 20,
                     source_expr: "\"customer_id\"".into(),
                 },
                 ComparedColumn {
                     name: "id".into(),
                     type_name: "bigint".into(),
+                    type_oid: 20,
                     source_expr: "\"id\"".into(),
                 },
                 ComparedColumn {
                     name: "Amount ✓".into(),
                     type_name: "numeric(12,2)".into(),
+                    type_oid: 1700,
                     source_expr: "total / 100.0".into(),
                 },
             ],
             key: vec![0, 1],
             excluded: vec![],
             keys_only,
-            key_hashable: false,
         }
     }
 
@@ -315,19 +333,14 @@ mod tests {
         let s = shape(false);
         assert_eq!(
             s.hash_expr(Side::Source),
-            "hashtextextended(ROW((\"customer_id\")::bigint, (\"id\")::bigint, (total / 100.0)::numeric(12,2))::text, 0)"
+            "hash_record_extended(ROW((\"customer_id\")::bigint, (\"id\")::bigint, (((total / 100.0)::numeric(12,2))::text) COLLATE \"C\"), 0)"
         );
         assert_eq!(
             s.hash_expr(Side::Target),
-            "hashtextextended(ROW(\"orders_v2\".\"customer_id\", \"orders_v2\".\"id\", \"orders_v2\".\"Amount ✓\")::text, 0)"
+            "hash_record_extended(ROW(\"orders_v2\".\"customer_id\", \"orders_v2\".\"id\", ((\"orders_v2\".\"Amount ✓\")::text) COLLATE \"C\"), 0)"
         );
-        assert!(s.bucket_expr(Side::Target).contains("& 4095"));
-        let h = Shape {
-            key_hashable: true,
-            ..shape(false)
-        };
         assert_eq!(
-            h.bucket_expr(Side::Source),
+            s.bucket_expr(Side::Source),
             "(hash_record_extended(ROW((\"customer_id\")::bigint, (\"id\")::bigint), 1) & 4095)::int4"
         );
         let k = shape(true);
