@@ -88,6 +88,25 @@ fn compact(v: &Option<serde_json::Value>) -> String {
     }
 }
 
+/// Only the columns whose values differ, from each side (JSON keeps the whole rows).
+fn differing_columns(a: &serde_json::Value, b: &serde_json::Value) -> (String, String) {
+    match (a.as_object(), b.as_object()) {
+        (Some(x), Some(y)) => {
+            let pick = |from: &serde_json::Map<String, serde_json::Value>,
+                        other: &serde_json::Map<String, serde_json::Value>| {
+                let m: serde_json::Map<String, serde_json::Value> = from
+                    .iter()
+                    .filter(|(k, v)| other.get(*k) != Some(*v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                serde_json::Value::Object(m).to_string()
+            };
+            (pick(x, y), pick(y, x))
+        }
+        _ => (a.to_string(), b.to_string()),
+    }
+}
+
 impl VerifyReport {
     /// Exit code: 0 equal, 1 differences, 2 keys that could not be settled.
     pub fn exit_code(&self) -> i32 {
@@ -100,16 +119,19 @@ impl VerifyReport {
         }
     }
 
-    /// The human report: one line per difference, then a summary.
+    /// The human report: one line per difference (for `different`, the columns that differ),
+    /// then a summary.
     pub fn render(&self) -> String {
         let mut out = String::new();
         for d in &self.differences {
+            let (src, tgt) = match (&d.source, &d.target) {
+                (Some(a), Some(b)) => differing_columns(a, b),
+                _ => (compact(&d.source), compact(&d.target)),
+            };
             out.push_str(&format!(
-                "{} {}: source {} | target {}\n",
+                "{} {}: source {src} | target {tgt}\n",
                 d.kind.name(),
                 serde_json::to_string(&d.key).unwrap_or_default(),
-                compact(&d.source),
-                compact(&d.target)
             ));
         }
         for k in &self.unsettled {
@@ -151,5 +173,45 @@ impl VerifyReport {
     /// The `--json` form.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_lines_show_only_differing_columns() {
+        let d = Difference {
+            key: [("id".to_string(), serde_json::json!(5))].into(),
+            kind: DiffKind::Different,
+            source: Some(serde_json::json!({"id": 5, "note": "a", "s": "x"})),
+            target: Some(serde_json::json!({"id": 5, "note": "b", "s": "x"})),
+        };
+        let r = VerifyReport {
+            equal: false,
+            rows_source: 1,
+            rows_target: 1,
+            chunks: 2,
+            resumed: false,
+            differing_buckets: 1,
+            candidates: 1,
+            keys_only: false,
+            differences: vec![d],
+            unsettled: vec![],
+            truncated: false,
+            excluded_columns: vec![],
+            duration_ms: 10,
+        };
+        let text = r.render();
+        assert!(
+            text.starts_with(
+                "different {\"id\":5}: source {\"note\":\"a\"} | target {\"note\":\"b\"}\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(r.exit_code(), 1);
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["differences"][0]["source"]["s"], "x");
     }
 }
