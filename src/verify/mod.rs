@@ -86,7 +86,8 @@ pub struct VerifyOptions {
     pub max_rows_per_sec: Option<u64>,
     /// Continue from a saved frontier when one matches (otherwise start over).
     pub resume: bool,
-    /// Re-check rounds: a key is reported only if it differs in every round.
+    /// Conclusive re-check rounds that must find a key different before it is reported (see
+    /// [`recheck`]).
     pub recheck_rounds: u32,
     /// How long to wait for apply to pass a re-check LSN before calling keys unsettled.
     pub settle_timeout: Duration,
@@ -104,7 +105,7 @@ impl Default for VerifyOptions {
             max_chunks: None,
             max_rows_per_sec: None,
             resume: true,
-            recheck_rounds: 3,
+            recheck_rounds: 2,
             settle_timeout: Duration::from_secs(60),
             max_differences: 1000,
             progress: false,
@@ -138,7 +139,7 @@ pub struct VerifyContext {
     pub same_database: bool,
     /// The migration's replication slot name (streaming is on while it exists).
     pub slot_name: String,
-    /// Re-check rounds.
+    /// Conclusive re-check rounds needed to report a key.
     pub rounds: u32,
     /// Wait bound for apply to pass a re-check LSN.
     pub settle_timeout: Duration,

@@ -1,6 +1,7 @@
 //! Re-checking candidate keys so that changes in flight are never reported: each round reads
 //! the keys on the source, notes the source's WAL position, waits until apply has passed it,
-//! then reads them on the target. Only keys that differ in every round are differences.
+//! then reads them on the target (and the source again). See [`recheck`] for when a key
+//! counts as different.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -137,24 +138,42 @@ fn differs(s: &Row, t: &Row, keys_only: bool) -> bool {
     }
 }
 
-/// Re-checks `keys` (target key text forms) in up to `ctx.rounds` rounds and returns those
-/// that differ in every round, and those that could not be settled. Usable on its own, e.g.
-/// by a live sampler over recently changed keys.
+/// Re-checks `keys` (target key text forms) and returns those that really differ, and those
+/// that could not be settled. Usable on its own, e.g. by a live sampler over recently changed
+/// keys.
+///
+/// A round reads the source rows, notes the source's WAL position, waits until apply has
+/// passed it, reads the target rows, then reads the source rows again. A key equal in any
+/// round is cleared. A round that finds it different is *conclusive* only if its source row
+/// did not change between the two source reads: the target, read in between, can then only
+/// hold that very state. A key is a difference after `ctx.rounds` conclusive rounds (one
+/// suffices when source and target are read in one snapshot: same database, nothing
+/// streaming). A key still undecided after `4 × rounds + 2` rounds (it kept changing), or
+/// whose position apply never passed, is unsettled: exit 2, never a false difference.
 pub async fn recheck(ctx: &VerifyContext, keys: &[KeyText]) -> Result<Recheck, VerifyError> {
     let mut pending: Vec<usize> = (0..keys.len()).collect();
     let mut last: HashMap<usize, (Row, Row)> = HashMap::new();
+    let mut conclusive: HashMap<usize, u32> = HashMap::new();
+    let mut confirmed = Vec::new();
     let mut out = Recheck::default();
     let names = ctx.shape.key_names();
     let streaming = slot_confirmed(ctx).await?.is_some();
-    for round in 0..ctx.rounds {
+    let single_snapshot = ctx.same_database && !streaming;
+    let needed = if single_snapshot {
+        1
+    } else {
+        ctx.rounds.max(1)
+    };
+    let max_rounds = 4 * ctx.rounds.max(1) + 2;
+    for round in 0..max_rounds {
         if pending.is_empty() {
             break;
         }
         if round > 0 {
-            tokio::time::sleep(Duration::from_millis(100 * u64::from(round))).await;
+            tokio::time::sleep(Duration::from_millis((50 * u64::from(round)).min(1000))).await;
         }
         let ks: Vec<KeyText> = pending.iter().map(|&i| keys[i].clone()).collect();
-        let (src, tgt) = if ctx.same_database && !streaming {
+        let (src, tgt, stable) = if single_snapshot {
             // Nothing in flight between the tables: one snapshot sees both exactly.
             ctx.source
                 .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -167,9 +186,10 @@ pub async fn recheck(ctx: &VerifyContext, keys: &[KeyText]) -> Result<Recheck, V
             }
             .await;
             let end = ctx.source.batch_execute("COMMIT").await;
-            let both = both?;
+            let (s, t) = both?;
             end.map_err(qe("source: ending the re-check snapshot"))?;
-            both
+            let stable = vec![true; s.len()];
+            (s, t, stable)
         } else {
             let s = read_rows(&ctx.source, ctx, Side::Source, &ks).await?;
             let lsn: String = ctx
@@ -187,26 +207,41 @@ pub async fn recheck(ctx: &VerifyContext, keys: &[KeyText]) -> Result<Recheck, V
                     timeout_s = ctx.settle_timeout.as_secs(),
                     "verify: apply did not pass the re-check position in time (is `shadowmig run` running?)"
                 );
-                for &i in &pending {
-                    let row = last.get(&i).and_then(|(s, t)| s.as_ref().or(t.as_ref()));
-                    out.unsettled
-                        .push(key_object(&names, &keys[i], row.map(|r| &r.0)));
-                }
-                return Ok(out);
+                break;
             }
             let t = read_rows(&ctx.target, ctx, Side::Target, &ks).await?;
-            (s, t)
+            let again = read_rows(&ctx.source, ctx, Side::Source, &ks).await?;
+            let stable = s
+                .iter()
+                .zip(&again)
+                .map(|(a, b)| a.as_ref().map(|r| &r.1) == b.as_ref().map(|r| &r.1))
+                .collect();
+            (s, t, stable)
         };
         let mut still = Vec::new();
         for (j, &i) in pending.iter().enumerate() {
-            if differs(&src[j], &tgt[j], ctx.shape.keys_only) {
+            if !differs(&src[j], &tgt[j], ctx.shape.keys_only) {
+                continue;
+            }
+            last.insert(i, (src[j].clone(), tgt[j].clone()));
+            let n = conclusive.entry(i).or_insert(0);
+            if stable[j] {
+                *n += 1;
+            }
+            if *n >= needed {
+                confirmed.push(i);
+            } else {
                 still.push(i);
-                last.insert(i, (src[j].clone(), tgt[j].clone()));
             }
         }
         pending = still;
     }
     for i in pending {
+        let row = last.get(&i).and_then(|(s, t)| s.as_ref().or(t.as_ref()));
+        out.unsettled
+            .push(key_object(&names, &keys[i], row.map(|r| &r.0)));
+    }
+    for i in confirmed {
         let Some((s, t)) = last.remove(&i) else {
             continue;
         };
