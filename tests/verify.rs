@@ -824,3 +824,37 @@ async fn the_spec_throttle_bounds_the_reading_rate() {
     run(&orders_spec(c, &db, &db), &opts()).await;
     assert!(start.elapsed() < took / 2, "unthrottled must be faster");
 }
+
+#[tokio::test]
+async fn an_empty_target_lists_every_key_in_small_batches_and_truncates() {
+    let (c, db) = testpg::fresh_db("verify_empty").unwrap();
+    orders_setup(c, &db, 400);
+    c.psql(&db, "TRUNCATE public.orders_v2").unwrap();
+    let spec = orders_spec(c, &db, &db);
+    let o = VerifyOptions {
+        narrow_batch_rows: 30,
+        ..opts()
+    };
+    let r = run(&spec, &o).await;
+    assert_eq!((r.rows_source, r.rows_target), (400, 0));
+    assert_eq!(r.differences.len(), 400, "{}", r.render());
+    assert!(r.differences.iter().all(|d| d.kind == DiffKind::Missing));
+    let ids: std::collections::BTreeSet<i64> = r
+        .differences
+        .iter()
+        .map(|d| d.key["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=400).collect());
+    assert!(!r.truncated);
+    let r = run(
+        &spec,
+        &VerifyOptions {
+            max_differences: 25,
+            ..o
+        },
+    )
+    .await;
+    assert!(r.truncated);
+    assert_eq!(r.differences.len(), 25);
+    assert!(r.render().contains("25+ difference(s)"), "{}", r.render());
+}

@@ -93,6 +93,9 @@ pub struct VerifyOptions {
     pub settle_timeout: Duration,
     /// Stop narrowing after this many confirmed differences (the report says it is truncated).
     pub max_differences: usize,
+    /// Narrow differing buckets in batches of about this many rows, each one pass over both
+    /// sides holding only that batch's keys in memory.
+    pub narrow_batch_rows: i64,
     /// Show a progress bar on stderr when it is a terminal (plain log lines otherwise).
     pub progress: bool,
 }
@@ -108,6 +111,7 @@ impl Default for VerifyOptions {
             recheck_rounds: 2,
             settle_timeout: Duration::from_secs(60),
             max_differences: 1000,
+            narrow_batch_rows: 200_000,
             progress: false,
         }
     }
@@ -334,11 +338,10 @@ pub async fn verify(spec: &Spec, opts: &VerifyOptions) -> Result<Outcome, Verify
     let mut truncated = false;
     let mut batch: Vec<i32> = Vec::new();
     let mut batch_rows = 0i64;
-    const BATCH_ROWS: i64 = 200_000;
     let mut batches = Vec::new();
     for b in differing {
         let rows = agg.source.acc[b].0.max(agg.target.acc[b].0);
-        if !batch.is_empty() && batch_rows + rows > BATCH_ROWS {
+        if !batch.is_empty() && batch_rows + rows > opts.narrow_batch_rows {
             batches.push(std::mem::take(&mut batch));
             batch_rows = 0;
         }
