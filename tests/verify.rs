@@ -858,3 +858,55 @@ async fn an_empty_target_lists_every_key_in_small_batches_and_truncates() {
     assert_eq!(r.differences.len(), 25);
     assert!(r.render().contains("25+ difference(s)"), "{}", r.render());
 }
+
+#[tokio::test]
+async fn a_select_only_role_verifies_without_writing_anything() {
+    let (c, db) = testpg::fresh_db("verify_ro").unwrap();
+    orders_setup(c, &db, 300);
+    c.psql(
+        &db,
+        &format!(
+            "DO $$ BEGIN CREATE ROLE verify_reader LOGIN PASSWORD 'pw'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             REVOKE CREATE ON DATABASE \"{db}\" FROM PUBLIC;
+             GRANT SELECT ON public.orders, public.orders_v2 TO verify_reader;"
+        ),
+    )
+    .unwrap();
+    let fingerprint = |c: &TestCluster| {
+        c.psql(
+            &db,
+            "SELECT (SELECT sum(hashtext(t::text)) FROM public.orders t) || ':' ||
+                    (SELECT sum(hashtext(t::text)) FROM public.orders_v2 t) || ':' ||
+                    (SELECT count(*) FROM pg_namespace WHERE nspname = 'shadowmig')",
+        )
+        .unwrap()
+    };
+    let before = fingerprint(c);
+    let url = c.url_as("verify_reader", "pw", &db);
+    let spec = Spec::parse(
+        &spec_text(
+            "readonly",
+            &url,
+            "public.orders",
+            &url,
+            "public.orders_v2",
+            ORDERS_TRANSFORMS,
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    // No right to create the progress table: verify still answers, only not resumably.
+    let r = run(&spec, &opts()).await;
+    assert!(r.equal, "{}", r.render());
+    c.psql(&db, "UPDATE public.orders_v2 SET status = 'x' WHERE id = 3")
+        .unwrap();
+    let r = run(&spec, &opts()).await;
+    assert_eq!(r.differences.len(), 1, "{}", r.render());
+    c.psql(
+        &db,
+        "UPDATE public.orders_v2 SET status = 'new' WHERE id = 3",
+    )
+    .unwrap();
+    assert_eq!(fingerprint(c), before);
+    assert!(before.ends_with(":0"), "no shadowmig schema: {before}");
+}

@@ -13,10 +13,16 @@ use super::sql::{Side, BUCKETS};
 use super::{qe, KeyText, VerifyContext, VerifyError, VerifyOptions};
 use crate::spec::{quote_ident, STATE_SCHEMA};
 
-/// One heap relation to read (a table, or a leaf partition of a partitioned one).
+/// What one side reads: the table itself, with its rows spread over one relation or over the
+/// leaf partitions of a partitioned one.
+///
+/// A chunk is a range of block numbers `[a, b)` read through the table itself: for a
+/// partitioned table each leaf contributes its own blocks `[a, b)` (the ctid condition is
+/// pushed down to a TID Range Scan per leaf). Reading through the parent needs SELECT on the
+/// parent only, as the application's grants usually give, never on each partition.
 #[derive(Debug, Clone)]
 pub(super) struct Leaf {
-    oid: u32,
+    oids: Vec<u32>,
     sql: String,
     rows_per_block: f64,
 }
@@ -27,48 +33,54 @@ impl Leaf {
     }
 }
 
-/// The relations holding `table`'s rows: its leaf partitions, or itself.
+/// The table as one [`Leaf`] (a list, so that several relations could be read one after the
+/// other; the saved frontier keeps an index into it).
 pub(super) async fn leaves(c: &Client, table_sql: &str) -> Result<Vec<Leaf>, VerifyError> {
     let rows = c
         .query(
             "WITH t AS (SELECT relid FROM pg_partition_tree($1::text::regclass) WHERE isleaf
                         UNION ALL SELECT $1::text::regclass
                         WHERE NOT EXISTS (SELECT 1 FROM pg_partition_tree($1::text::regclass)))
-             SELECT c.oid::int8, n.nspname::text, c.relname::text, c.reltuples::float8, c.relpages::int8
-             FROM t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-             ORDER BY c.oid",
+             SELECT c.oid::int8, c.reltuples::float8, c.relpages::int8
+             FROM t JOIN pg_class c ON c.oid = t.relid ORDER BY c.oid",
             &[&table_sql],
         )
         .await
         .map_err(qe(format!("listing the relations of {table_sql}")))?;
-    rows.iter()
-        .map(|r| {
-            let get = |e| VerifyError::Protocol(format!("relation list of {table_sql}: {e}"));
-            let oid: i64 = r.try_get(0).map_err(get)?;
-            let schema: String = r.try_get(1).map_err(get)?;
-            let name: String = r.try_get(2).map_err(get)?;
-            let tuples: f64 = r.try_get(3).map_err(get)?;
-            let pages: i64 = r.try_get(4).map_err(get)?;
-            // Never analyzed (-1) or empty: guess a typical narrow-row density.
-            let rpb = if tuples > 0.0 && pages > 0 {
-                (tuples / pages as f64).max(1.0)
-            } else {
-                60.0
-            };
-            Ok(Leaf {
-                oid: u32::try_from(oid).map_err(|_| VerifyError::Protocol("bad oid".into()))?,
-                sql: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
-                rows_per_block: rpb,
-            })
-        })
-        .collect()
+    let mut oids = Vec::new();
+    let mut tuples = 0f64;
+    let mut max_pages = 0i64;
+    for r in &rows {
+        let get = |e| VerifyError::Protocol(format!("relation list of {table_sql}: {e}"));
+        let oid: i64 = r.try_get(0).map_err(get)?;
+        let t: f64 = r.try_get(1).map_err(get)?;
+        let p: i64 = r.try_get(2).map_err(get)?;
+        oids.push(u32::try_from(oid).map_err(|_| VerifyError::Protocol("bad oid".into()))?);
+        // -1: never analyzed.
+        tuples += t.max(0.0);
+        max_pages = max_pages.max(p);
+    }
+    // Rows per block *position*: every leaf contributes its block at each position.
+    let rows_per_block = if tuples > 0.0 && max_pages > 0 {
+        (tuples / max_pages as f64).max(1.0)
+    } else {
+        60.0 * oids.len().max(1) as f64
+    };
+    Ok(vec![Leaf {
+        oids,
+        sql: table_sql.to_string(),
+        rows_per_block,
+    }])
 }
 
+/// The number of block positions to read: the largest relation's size in blocks.
 async fn nblocks(c: &Client, leaf: &Leaf) -> Result<u64, VerifyError> {
+    let oids: Vec<i64> = leaf.oids.iter().map(|&o| i64::from(o)).collect();
     let n: i64 = c
         .query_one(
-            "SELECT (pg_relation_size($1::int8::oid) / current_setting('block_size')::int8)::int8",
-            &[&i64::from(leaf.oid)],
+            "SELECT (coalesce(max(pg_relation_size(x::oid)), 0) / current_setting('block_size')::int8)::int8
+             FROM unnest($1::int8[]) x",
+            &[&oids],
         )
         .await
         .map_err(qe(format!("size of {}", leaf.sql)))?
@@ -340,7 +352,7 @@ pub(super) async fn aggregate(
     )?;
     let oids = |l: &[Leaf]| {
         l.iter()
-            .map(|x| x.oid.to_string())
+            .flat_map(|x| x.oids.iter().map(|o| o.to_string()))
             .collect::<Vec<_>>()
             .join(",")
     };

@@ -258,7 +258,7 @@ impl Shape {
             .map(|c| format!("{}={}::{}", c.name, c.source_expr, c.type_name))
             .collect();
         format!(
-            "v2;buckets={BUCKETS};keys_only={};{}->{};key={};{}",
+            "v3;buckets={BUCKETS};keys_only={};{}->{};key={};{}",
             self.keys_only,
             self.source_sql,
             self.target_sql,
