@@ -28,3 +28,4 @@ pub mod state;
 pub mod status;
 pub mod tail;
 pub mod testpg;
+pub mod verify;

@@ -265,11 +265,66 @@ fn tail_command(opts: shadowmig::tail::TailOptions) -> i32 {
     })
 }
 
+/// `shadowmig verify SPEC [--json] [--keys-only]`: 0 equal, 1 differences, 2 error (unreadable
+/// spec, unreachable server, missing table, keys apply never settled). Errors are one line on
+/// stderr with every URL redacted.
+fn verify_command(spec_path: &std::path::Path, json: bool, keys_only: bool) -> i32 {
+    let spec = match shadowmig::spec::Spec::load(spec_path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shadowmig verify: {e}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shadowmig verify: cannot start the async runtime: {e}");
+            return 2;
+        }
+    };
+    let opts = shadowmig::verify::VerifyOptions {
+        keys_only,
+        progress: true,
+        ..Default::default()
+    };
+    match rt.block_on(shadowmig::verify::verify(&spec, &opts)) {
+        Ok(shadowmig::verify::Outcome::Done(report)) => {
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render());
+            }
+            report.exit_code()
+        }
+        Ok(shadowmig::verify::Outcome::Interrupted { chunks }) => {
+            eprintln!("shadowmig verify: stopped after {chunks} chunks; run again to continue");
+            2
+        }
+        Err(e) => {
+            eprintln!(
+                "shadowmig verify: {}",
+                shadowmig::spec::scrub_secrets(&e.to_string()).replace('\n', " ")
+            );
+            2
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {
         Command::Plan { spec } => plan_command(&spec),
+        Command::Verify {
+            spec,
+            json,
+            keys_only,
+        } => verify_command(&spec, json, keys_only),
         Command::Run {
             spec,
             exit_when_caught_up,
