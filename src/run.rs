@@ -287,6 +287,57 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
     })
 }
 
+/// Makes this connection the migration's only writer: a session advisory lock in the target,
+/// keyed by the migration's name. A `run` killed with -9 can leave its target backend still
+/// finishing a batch (it notices the dead client only when the statement ends); the lock is
+/// released only when that backend is gone, so a new `run` never applies changes while an
+/// old batch could still commit behind it. It also refuses a second live `run`.
+async fn take_writer_lock(
+    tgt: &Client,
+    spec: &Spec,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let key = format!("shadowmig:{}", spec.name);
+    let started = Instant::now();
+    let mut said = false;
+    // Tests shorten the wait; an operator has no reason to.
+    let wait_limit = std::env::var("SHADOWMIG_WRITER_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60));
+    loop {
+        let got: bool = tgt
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                &[&key],
+            )
+            .await
+            .map_err(|e| pg_err("taking the migration's writer lock", e))?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if *shutdown.borrow() {
+            return Err(RunError::Connection(
+                "stopped while waiting for the writer lock".into(),
+            ));
+        }
+        if started.elapsed() > wait_limit {
+            return Err(RunError::Fatal(format!(
+                "another `shadowmig run` of migration {} is active (it holds the migration's writer lock in the target); \
+                 stop it first — or, if it was killed, wait for its database session to end",
+                spec.name
+            )));
+        }
+        if !said && started.elapsed() > Duration::from_secs(2) {
+            said = true;
+            tracing::warn!("waiting for an earlier run's target session to end (writer lock)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `sql` under `lock_timeout`, retrying with backoff when the lock is not granted in
 /// time, so DDL never queues behind a long lock (and never makes others queue behind it).
 pub async fn ddl_with_retries(
@@ -754,6 +805,7 @@ async fn run_once(
     let tgt = catalog::connect(&spec.target.url)
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
+    take_writer_lock(&tgt, spec, shutdown).await?;
     let prepared = prepare(spec, &src, &tgt).await?;
     let progress = ProgressKey {
         migration: spec.name.clone(),

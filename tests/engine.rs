@@ -777,3 +777,28 @@ fn prometheus_metrics_report_copy_and_apply() {
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
 }
+
+#[test]
+fn a_second_live_run_of_the_same_migration_is_refused() {
+    let (c, db) = testpg::fresh_db("engine_two_runs").unwrap();
+    setup(c, &db, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "two_runs", &c.url(&db), 100);
+    let mut first = spawn_run(&spec, &dir.path().join("run1.log"));
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let out = shadowmig(&["run", spec.to_str().unwrap()])
+        .env("SHADOWMIG_WRITER_LOCK_WAIT_SECS", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another `shadowmig run`"), "{err}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run goes on");
+    c.psql(
+        &db,
+        "UPDATE orders SET status = 'still-streaming' WHERE id = 1",
+    )
+    .unwrap();
+    assert!(wait_equal(c, &db, Duration::from_secs(30)));
+    assert_eq!(sigterm(&mut first).code(), Some(0));
+}
