@@ -393,14 +393,10 @@ pub async fn set_up(
         .map_err(|e| state_err("registering the migration", e))?;
 
     let pubname = spec.publication_name();
-    let have_pub = src
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&pubname],
-        )
+    let slot = spec.slot_name();
+    let (have_slot, have_pub) = catalog::slot_and_publication_exist(src, &slot, &pubname)
         .await
-        .map_err(|e| pg_err("looking up the publication", e))?
-        .is_some();
+        .map_err(|e| RunError::Connection(e.to_string()))?;
     if !have_pub {
         // The shadow table must never be in it: PostgreSQL 15 cannot filter our own writes out.
         let sql = format!(
@@ -412,15 +408,6 @@ pub async fn set_up(
         tracing::info!(publication = %pubname, "created the publication");
     }
 
-    let slot = spec.slot_name();
-    let have_slot = src
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| pg_err("looking up the slot", e))?
-        .is_some();
     if !have_slot {
         let mut repl = ReplicationClient::connect_config(spec.source.url.config())
             .await
