@@ -613,6 +613,11 @@ struct Applier<'a> {
     applied: u64,
     /// How many of the batch's changes are backfilled rows (the rest are streamed changes).
     batch_copied: u64,
+    /// The stream position of the last message processed outside a transaction. Once the
+    /// batch holding everything before it has committed, it may be confirmed: confirming only
+    /// commit ends would never pass a watermark, so on an idle source the slot (and the WAL it
+    /// holds, which the backfill's own writes keep growing) would never advance.
+    position: Lsn,
 }
 
 impl Applier<'_> {
@@ -671,7 +676,7 @@ impl Applier<'_> {
             .await
             .map_err(|e| pg_err("committing a batch", e))?;
         self.writer.batch_committed();
-        stream.confirm(lsn);
+        stream.confirm(lsn.max(self.position));
         tracing::debug!(%lsn, changes = n, copied = self.batch_copied, "batch committed");
         self.applied += n as u64;
         metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
@@ -750,7 +755,7 @@ impl Applier<'_> {
             .await
             .map_err(|e| pg_err("committing a large transaction", e))?;
         self.writer.batch_committed();
-        stream.confirm(lsn);
+        stream.confirm(lsn.max(self.position));
         self.applied += total;
         metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(total);
         self.new_rereads.extend(rereads);
@@ -835,7 +840,8 @@ async fn run_once(
             &spec.slot_name(),
             committed.unwrap_or(Lsn::ZERO),
             &options,
-            StreamConfig::default(),
+            // Frequent status updates: the slot follows what is applied within a second.
+            StreamConfig::default().status_interval(Duration::from_secs(1)),
         )
         .await
         .map_err(|e| repl_err("starting replication", e))?;
@@ -890,6 +896,7 @@ async fn run_once(
         new_rereads: Vec::new(),
         applied: 0,
         batch_copied: 0,
+        position: committed.unwrap_or(Lsn::ZERO),
     };
     let mut decoder = Decoder::new(1);
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
@@ -988,6 +995,10 @@ async fn run_once(
                     ap.flush(&stream).await?;
                     oldest_unapplied = None;
                 }
+                if txn.is_none() && ap.is_empty() {
+                    // Everything processed is applied (or durably queued for a re-read).
+                    stream.confirm(ap.position);
+                }
                 if copy_state.done
                     && txn.is_none()
                     && ap.is_empty()
@@ -1011,12 +1022,19 @@ async fn run_once(
             Ok(Some(Err(e))) => return Err(repl_err("reading the stream", e)),
             Ok(Some(Ok(ev))) => ev,
         };
-        let ReplicationEvent::XLogData { data, .. } = event else {
+        let ReplicationEvent::XLogData {
+            data, wal_start, ..
+        } = event
+        else {
             continue;
         };
         let msg = decoder
             .decode(&data)
             .map_err(|e| RunError::Fatal(format!("decoding the change stream: {e}")))?;
+        if txn.is_none() && !matches!(msg, LogicalMessage::Begin { .. }) {
+            // A message outside any transaction (a watermark or sync marker).
+            ap.position = ap.position.max(wal_start);
+        }
         match msg {
             LogicalMessage::Begin { xid, .. } => {
                 txn = Some(Txn {
@@ -1087,6 +1105,7 @@ async fn run_once(
             LogicalMessage::Commit { end_lsn, .. } => {
                 let Some(t) = txn.take() else { continue };
                 last_end = end_lsn;
+                ap.position = ap.position.max(end_lsn);
                 tracker.on_commit(t.xid, t.keys);
                 if committed.is_some_and(|c| end_lsn <= c)
                     || (t.changes.is_empty() && t.spill.is_none())

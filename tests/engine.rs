@@ -802,3 +802,46 @@ fn a_second_live_run_of_the_same_migration_is_refused() {
     assert!(wait_equal(c, &db, Duration::from_secs(30)));
     assert_eq!(sigterm(&mut first).code(), Some(0));
 }
+
+#[test]
+fn the_slot_advances_during_backfill_and_while_idle() {
+    let (c, db) = testpg::fresh_db("engine_slot_advance").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "slot_adv", &c.url(&db), 500);
+    // A WAL limit far below what the backfill itself writes into the same database: the
+    // backfill must still finish (the slot has to be confirmed past its own watermarks).
+    let mut text = std::fs::read_to_string(&spec).unwrap();
+    text.push_str("[throttle]\nmax_lag_bytes = 4000000\n");
+    std::fs::write(&spec, text).unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(120)),
+        "backfill stalled:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Idle source table; WAL written elsewhere. The slot must follow.
+    c.psql(
+        &db,
+        "CREATE TABLE unrelated AS SELECT g FROM generate_series(1, 100000) g",
+    )
+    .unwrap();
+    let target = c.psql(&db, "SELECT pg_current_wal_insert_lsn()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let advanced = loop {
+        let ok = c
+            .psql(&db, &format!("SELECT confirmed_flush_lsn >= '{target}' FROM pg_replication_slots WHERE slot_name = 'shadowmig_slot_adv'"))
+            .unwrap();
+        if ok == "t" || Instant::now() > deadline {
+            break ok == "t";
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        advanced,
+        "an idle slot must advance:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+}
