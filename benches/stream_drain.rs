@@ -3,9 +3,11 @@
 //!
 //! `cargo bench --bench stream_drain` (release). `STREAM_DRAIN_CHANGES` sets the number of row
 //! changes (default 1,000,000: half single-row inserts, half single-row updates, 100 rows per
-//! transaction). Four slots are created at the same point before the changes; they are drained
-//! in the order pg_recvlogical, ours, ours, pg_recvlogical so that neither side always runs
-//! with a warmer cache. Prints changes/s per run and the ratio ours / pg_recvlogical.
+//! transaction). `STREAM_DRAIN_ROUNDS` (default 2) rounds of four slots, all created at the same
+//! point before the changes, are drained in the order pg_recvlogical, ours, ours,
+//! pg_recvlogical so that neither side always runs with a warmer cache.
+//! `STREAM_DRAIN_RUNTIME=current` runs our side on a current-thread tokio runtime (default:
+//! multi-thread). Prints changes/s per run, the means and the ratio ours / pg_recvlogical.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,8 +36,16 @@ fn main() {
          CREATE PUBLICATION p FOR TABLE bench;",
     )
     .expect("schema");
-    let slots = ["s1", "s2", "s3", "s4"];
-    for s in slots {
+    let rounds: usize = std::env::var("STREAM_DRAIN_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .clamp(1, 4);
+    // Each round drains four slots: pg_recvlogical, ours, ours, pg_recvlogical.
+    let plan: Vec<(String, bool)> = (0..rounds * 4)
+        .map(|i| (format!("s{}", i + 1), matches!(i % 4, 0 | 3)))
+        .collect();
+    for (s, _) in &plan {
         c.psql(
             &db,
             &format!("SELECT pg_create_logical_replication_slot('{s}', 'pgoutput')"),
@@ -73,20 +83,49 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let current_thread = std::env::var("STREAM_DRAIN_RUNTIME").as_deref() == Ok("current");
+    let rt = if current_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    }
+    .expect("runtime");
+    println!(
+        "tokio runtime: {}",
+        if current_thread {
+            "current_thread"
+        } else {
+            "multi_thread"
+        }
+    );
     let mut theirs = Vec::new();
     let mut ours = Vec::new();
-    for (slot, native) in [("s1", true), ("s2", false), ("s3", false), ("s4", true)] {
+    for (slot, native) in &plan {
+        let (slot, native) = (slot.as_str(), *native);
+        let who = if native {
+            libc::RUSAGE_CHILDREN
+        } else {
+            libc::RUSAGE_SELF
+        };
+        let cpu0 = cpu_seconds(who);
         let secs = if native {
             recvlogical(&c, &db, slot, end)
         } else {
-            let (secs, n) = rt.block_on(drain(&c.url(&db), slot, end));
+            // Spawned, as a consumer inside `shadowmig run` is: on a worker thread, not the
+            // main thread that blocks on the runtime.
+            let (url, slot_name) = (c.url(&db), slot.to_string());
+            let (secs, n) = rt
+                .block_on(async move { tokio::spawn(drain(url, slot_name, end)).await })
+                .expect("drain task");
             assert_eq!(n, changes, "our stream counted every change");
             secs
         };
+        let cpu = cpu_seconds(who) - cpu0;
         let rate = changes as f64 / secs;
         println!(
-            "{:>14} slot {slot}: {secs:.2} s, {rate:.0} changes/s",
+            "{:>14} slot {slot}: {secs:.2} s, {rate:.0} changes/s, client CPU {cpu:.2} s",
             if native {
                 "pg_recvlogical"
             } else {
@@ -105,6 +144,17 @@ fn main() {
         "stream drain, {changes} changes: ours {o:.0}/s, pg_recvlogical {p:.0}/s, ratio ours/pg_recvlogical {:.2}",
         o / p
     );
+}
+
+/// User + system CPU seconds of this process (`RUSAGE_SELF`) or its waited-for children.
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage writes into the struct we pass; nothing else is shared.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 /// Runs pg_recvlogical to `end`, writing to /dev/null; returns seconds.
@@ -135,12 +185,12 @@ fn recvlogical(c: &TestCluster, db: &str, slot: &str, end: Lsn) -> f64 {
 }
 
 /// Drains `slot` with our stream until `end`; returns seconds and the row changes counted.
-async fn drain(url: &str, slot: &str, end: Lsn) -> (f64, u64) {
+async fn drain(url: String, slot: String, end: Lsn) -> (f64, u64) {
     let t = Instant::now();
-    let client = ReplicationClient::connect(url).await.expect("connect");
+    let client = ReplicationClient::connect(&url).await.expect("connect");
     let opts = PgOutputOptions::new(1).publication("p");
     let mut s = client
-        .start_logical(slot, Lsn::ZERO, &opts, StreamConfig::default())
+        .start_logical(&slot, Lsn::ZERO, &opts, StreamConfig::default())
         .await
         .expect("start");
     let mut n = 0u64;

@@ -73,14 +73,9 @@ pub async fn abort(spec: &Spec) -> Result<Vec<String>, AbortError> {
         }
     }
     let pubname = spec.publication_name();
-    let have_pub = src
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&pubname],
-        )
+    let (_, have_pub) = catalog::slot_and_publication_exist(&src, &slot, &pubname)
         .await
-        .map_err(db("looking up the publication"))?
-        .is_some();
+        .map_err(|e| AbortError(e.to_string()))?;
     if have_pub {
         src.batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {}",

@@ -1,8 +1,15 @@
 //! shadowmig restructures a live PostgreSQL table — new primary key, new partitioning, new
 //! column shapes — with no downtime and no data loss. See `ARCHITECTURE.md` for the design.
 //!
-//! Module floors (imports point down, never up):
-
+//! Module floors (imports point down, never up; ARCHITECTURE §1a):
+//! - top: [`cli`] (and the binary's `main.rs`)
+//! - orchestration: [`run`] (set-up, backfill and streaming wired together), [`control`]
+//!   (pause/resume/throttle), [`abort`], [`status`]
+//! - protocols: [`tail`]
+//! - engines: [`replication`] (walsender client), [`copy`] (watermarked chunks), [`apply`]
+//!   (coalesced set-based writer), [`verify`], [`plan`], [`spill`]
+//! - ground: [`pgoutput`] (sans-IO decoder), [`spec`], [`catalog`], [`state`], [`metrics`],
+//!   [`raw`], [`lsn`], [`testpg`] (throwaway clusters)
 #![warn(missing_docs)]
 //! - engines: [`apply`], [`replication`]
 //! - engines: [`replication`], [`plan`]
@@ -13,15 +20,19 @@ pub mod abort;
 pub mod apply;
 pub mod catalog;
 pub mod cli;
+pub mod control;
 pub mod copy;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod plan;
 pub mod raw;
 pub mod replication;
 pub mod run;
 pub mod spec;
+pub mod spill;
 pub mod state;
 pub mod status;
 pub mod tail;
 pub mod testpg;
+pub mod verify;

@@ -7,7 +7,8 @@ use shadowmig::cli::{Cli, Command, LogFormat};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHADOWMIG_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // The driver logs server NOTICEs at info; they are noise for an operator.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -214,6 +215,36 @@ fn abort_command(path: &std::path::Path) -> i32 {
     }
 }
 
+type ControlFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<String, shadowmig::control::ControlError>>>,
+>;
+
+/// `pause`, `resume`, `throttle`: one line on stdout, exit 0; or one line on stderr, exit 1.
+fn control_command(
+    name: &str,
+    path: &std::path::Path,
+    f: impl FnOnce(shadowmig::spec::Spec) -> ControlFuture,
+) -> i32 {
+    let (spec, _) = match load_spec(name, path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rt = match runtime(name, false) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(f(spec)) {
+        Ok(line) => {
+            println!("{line}");
+            0
+        }
+        Err(e) => {
+            eprintln!("shadowmig {name}: {}", one_line(&e));
+            1
+        }
+    }
+}
+
 /// `shadowmig tail`: exit 0 on Ctrl-C/SIGTERM, 1 with one line on stderr for bad input.
 fn tail_command(opts: shadowmig::tail::TailOptions) -> i32 {
     let rt = match runtime("tail", false) {
@@ -234,17 +265,95 @@ fn tail_command(opts: shadowmig::tail::TailOptions) -> i32 {
     })
 }
 
+/// `shadowmig verify SPEC [--json] [--keys-only]`: 0 equal, 1 differences, 2 error (unreadable
+/// spec, unreachable server, missing table, keys apply never settled). Errors are one line on
+/// stderr with every URL redacted.
+fn verify_command(spec_path: &std::path::Path, json: bool, keys_only: bool) -> i32 {
+    let spec = match shadowmig::spec::Spec::load(spec_path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shadowmig verify: {e}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shadowmig verify: cannot start the async runtime: {e}");
+            return 2;
+        }
+    };
+    let opts = shadowmig::verify::VerifyOptions {
+        keys_only,
+        progress: true,
+        ..Default::default()
+    };
+    match rt.block_on(shadowmig::verify::verify(&spec, &opts)) {
+        Ok(shadowmig::verify::Outcome::Done(report)) => {
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render());
+            }
+            report.exit_code()
+        }
+        Ok(shadowmig::verify::Outcome::Interrupted { chunks }) => {
+            eprintln!("shadowmig verify: stopped after {chunks} chunks; run again to continue");
+            2
+        }
+        Err(e) => {
+            eprintln!(
+                "shadowmig verify: {}",
+                shadowmig::spec::scrub_secrets(&e.to_string()).replace('\n', " ")
+            );
+            2
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {
         Command::Plan { spec } => plan_command(&spec),
+        Command::Verify {
+            spec,
+            json,
+            keys_only,
+        } => verify_command(&spec, json, keys_only),
         Command::Run {
             spec,
             exit_when_caught_up,
         } => run_command(&spec, exit_when_caught_up),
         Command::Status { spec, json } => status_command(&spec, json),
         Command::Abort { spec } => abort_command(&spec),
+        Command::Pause { spec } => control_command("pause", &spec, |s| {
+            Box::pin(async move { shadowmig::control::set_paused(&s, true).await })
+        }),
+        Command::Resume { spec } => control_command("resume", &spec, |s| {
+            Box::pin(async move { shadowmig::control::set_paused(&s, false).await })
+        }),
+        Command::Throttle {
+            spec,
+            chunk_rows,
+            workers,
+            max_lag_bytes,
+            max_apply_lag_ms,
+        } => {
+            let t = shadowmig::control::Throttle {
+                chunk_rows,
+                workers,
+                max_lag_bytes,
+                max_apply_lag_ms,
+            };
+            control_command("throttle", &spec, move |s| {
+                Box::pin(async move { shadowmig::control::throttle(&s, &t).await })
+            })
+        }
         Command::Tail {
             url,
             table,

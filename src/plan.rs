@@ -255,7 +255,19 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     }
     let usage = catalog::replication_usage(&src).await?;
     let free_slots = settings.max_replication_slots - usage.slots;
-    if free_slots >= 1 {
+    // Resuming a migration reuses its slot: it needs no free one.
+    let (own_slot, _) =
+        catalog::slot_and_publication_exist(&src, &spec.slot_name(), &spec.publication_name())
+            .await?;
+    if own_slot {
+        ck.ok(
+            SLOTS,
+            format!(
+                "this migration's slot {} exists and is reused",
+                spec.slot_name()
+            ),
+        );
+    } else if free_slots >= 1 {
         ck.ok(SLOTS, format!("{free_slots} of {} free (shadowmig needs 1 on the source; the reverse stream at the writes stage needs 1 on the target)", settings.max_replication_slots));
     } else {
         ck.fail(

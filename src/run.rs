@@ -30,6 +30,7 @@ use crate::replication::{
     StreamConfig,
 };
 use crate::spec::{quote_ident, quote_literal, Spec};
+use crate::spill::Spill;
 use crate::state::{self, ChunkProgress, Direction};
 
 /// The prefix of shadowmig's logical messages (watermarks and sync markers).
@@ -286,6 +287,57 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
     })
 }
 
+/// Makes this connection the migration's only writer: a session advisory lock in the target,
+/// keyed by the migration's name. A `run` killed with -9 can leave its target backend still
+/// finishing a batch (it notices the dead client only when the statement ends); the lock is
+/// released only when that backend is gone, so a new `run` never applies changes while an
+/// old batch could still commit behind it. It also refuses a second live `run`.
+async fn take_writer_lock(
+    tgt: &Client,
+    spec: &Spec,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let key = format!("shadowmig:{}", spec.name);
+    let started = Instant::now();
+    let mut said = false;
+    // Tests shorten the wait; an operator has no reason to.
+    let wait_limit = std::env::var("SHADOWMIG_WRITER_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60));
+    loop {
+        let got: bool = tgt
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                &[&key],
+            )
+            .await
+            .map_err(|e| pg_err("taking the migration's writer lock", e))?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if *shutdown.borrow() {
+            return Err(RunError::Connection(
+                "stopped while waiting for the writer lock".into(),
+            ));
+        }
+        if started.elapsed() > wait_limit {
+            return Err(RunError::Fatal(format!(
+                "another `shadowmig run` of migration {} is active (it holds the migration's writer lock in the target); \
+                 stop it first — or, if it was killed, wait for its database session to end",
+                spec.name
+            )));
+        }
+        if !said && started.elapsed() > Duration::from_secs(2) {
+            said = true;
+            tracing::warn!("waiting for an earlier run's target session to end (writer lock)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `sql` under `lock_timeout`, retrying with backoff when the lock is not granted in
 /// time, so DDL never queues behind a long lock (and never makes others queue behind it).
 pub async fn ddl_with_retries(
@@ -341,14 +393,10 @@ pub async fn set_up(
         .map_err(|e| state_err("registering the migration", e))?;
 
     let pubname = spec.publication_name();
-    let have_pub = src
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&pubname],
-        )
+    let slot = spec.slot_name();
+    let (have_slot, have_pub) = catalog::slot_and_publication_exist(src, &slot, &pubname)
         .await
-        .map_err(|e| pg_err("looking up the publication", e))?
-        .is_some();
+        .map_err(|e| RunError::Connection(e.to_string()))?;
     if !have_pub {
         // The shadow table must never be in it: PostgreSQL 15 cannot filter our own writes out.
         let sql = format!(
@@ -360,15 +408,6 @@ pub async fn set_up(
         tracing::info!(publication = %pubname, "created the publication");
     }
 
-    let slot = spec.slot_name();
-    let have_slot = src
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| pg_err("looking up the slot", e))?
-        .is_some();
     if !have_slot {
         let mut repl = ReplicationClient::connect_config(spec.source.url.config())
             .await
@@ -497,10 +536,14 @@ impl Job {
     }
 }
 
+/// The most backfill workers `throttle --workers` may ask for.
+pub const MAX_WORKERS: usize = 16;
+
 /// Knobs shared with the copier, changed by runtime controls.
 #[derive(Debug)]
 struct Shared {
     paused: AtomicBool,
+    workers: AtomicU64,
     chunk_rows: AtomicU64,
     max_lag_bytes: AtomicU64,
     max_apply_lag_ms: AtomicU64,
@@ -524,6 +567,12 @@ pub async fn run(
             .map_err(|e| RunError::Setup(e.to_string()))?;
         set_up(spec, spec_text, &src, &mut tgt).await?;
     }
+    // Observability must not stop a migration: without the endpoint, say so and go on.
+    match crate::metrics::install(spec.metrics.listen) {
+        Ok(()) => tracing::info!("metrics on http://{}/metrics", spec.metrics.listen),
+        Err(e) => tracing::warn!("{e}; running without the metrics endpoint"),
+    }
+    metrics::gauge!(crate::metrics::STAGE).set(0.0);
     let mut backoff = Duration::from_millis(500);
     loop {
         match run_once(spec, opts, &mut shutdown).await {
@@ -562,6 +611,13 @@ struct Applier<'a> {
     /// target lacks); recorded durably in the same transaction, to be re-read as a chunk.
     new_rereads: Vec<KeyValue>,
     applied: u64,
+    /// How many of the batch's changes are backfilled rows (the rest are streamed changes).
+    batch_copied: u64,
+    /// The stream position of the last message processed outside a transaction. Once the
+    /// batch holding everything before it has committed, it may be confirmed: confirming only
+    /// commit ends would never pass a watermark, so on an idle source the slot (and the WAL it
+    /// holds, which the backfill's own writes keep growing) would never advance.
+    position: Lsn,
 }
 
 impl Applier<'_> {
@@ -580,6 +636,7 @@ impl Applier<'_> {
         let Some(lsn) = self.batch_lsn else {
             return Ok(());
         };
+        let started = Instant::now();
         let name = &self.spec.name;
         let tx = self
             .tgt
@@ -610,14 +667,7 @@ impl Applier<'_> {
             .await
             .map_err(|e| pg_err("clearing a re-read", e))?;
         }
-        let mut rereads = Vec::new();
-        for t in &stats.needs_reread {
-            let k = key_of(self.prepared, t)?;
-            tx.execute("INSERT INTO shadowmig.reread (migration, key) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[name, &hex_key(&k)])
-                .await
-                .map_err(|e| pg_err("recording a re-read", e))?;
-            rereads.push(k);
-        }
+        let rereads = record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?;
         let n = self.batch.len() as i64;
         tx.execute("UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1", &[name, &n])
             .await
@@ -626,8 +676,15 @@ impl Applier<'_> {
             .await
             .map_err(|e| pg_err("committing a batch", e))?;
         self.writer.batch_committed();
-        stream.confirm(lsn);
+        stream.confirm(lsn.max(self.position));
+        tracing::debug!(%lsn, changes = n, copied = self.batch_copied, "batch committed");
         self.applied += n as u64;
+        metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
+        metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL)
+            .increment(n as u64 - self.batch_copied.min(n as u64));
+        metrics::histogram!(crate::metrics::BATCH_SIZE).record(n as f64);
+        metrics::histogram!(crate::metrics::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+        self.batch_copied = 0;
         self.batch.clear();
         self.batch_lsn = None;
         self.batch_copy = None;
@@ -635,6 +692,97 @@ impl Applier<'_> {
         self.new_rereads.extend(rereads);
         Ok(())
     }
+}
+
+impl Applier<'_> {
+    /// Applies one source transaction too large for a batch: its spilled changes and the
+    /// in-memory rest, in parts of `part` changes, all in one target transaction with the
+    /// progress (the target never shows part of a source transaction), then confirms it.
+    async fn apply_large(
+        &mut self,
+        stream: &crate::replication::LogicalStream,
+        spill: Spill,
+        rest: Vec<Change>,
+        lsn: Lsn,
+        part: usize,
+    ) -> Result<(), RunError> {
+        let total = spill.len() + rest.len() as u64;
+        tracing::info!(
+            changes = total,
+            "applying a large source transaction in parts"
+        );
+        let mut reader = spill
+            .into_reader()
+            .map_err(|e| RunError::Fatal(e.to_string()))?;
+        let name = &self.spec.name;
+        let tx = self
+            .tgt
+            .transaction()
+            .await
+            .map_err(|e| pg_err("starting a large transaction", e))?;
+        let mut rest = Some(rest);
+        let mut rereads = Vec::new();
+        loop {
+            let changes = reader
+                .next_batch(part)
+                .map_err(|e| RunError::Fatal(e.to_string()))?;
+            let changes = if changes.is_empty() {
+                match rest.take() {
+                    Some(r) if !r.is_empty() => r,
+                    _ => break,
+                }
+            } else {
+                changes
+            };
+            let part: Vec<SourceChange> = changes
+                .into_iter()
+                .map(|change| SourceChange { lsn, change })
+                .collect();
+            let stats = self
+                .writer
+                .write_batch(&tx, &part, lsn)
+                .await
+                .map_err(|e| apply_err("applying a large transaction", e))?;
+            rereads.extend(record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?);
+        }
+        tx.execute(
+            "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
+            &[name, &(total as i64)],
+        )
+        .await
+        .map_err(|e| pg_err("counting applied changes", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| pg_err("committing a large transaction", e))?;
+        self.writer.batch_committed();
+        stream.confirm(lsn.max(self.position));
+        self.applied += total;
+        metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(total);
+        self.new_rereads.extend(rereads);
+        Ok(())
+    }
+}
+
+/// Records, in the batch's transaction, the keys apply could not write from the stream, so
+/// a crash before their re-read cannot lose them.
+async fn record_rereads(
+    tx: &tokio_postgres::Transaction<'_>,
+    prepared: &Prepared,
+    migration: &str,
+    tuples: &[TupleData],
+) -> Result<Vec<KeyValue>, RunError> {
+    let mut keys = Vec::with_capacity(tuples.len());
+    for t in tuples {
+        let k = key_of(prepared, t)?;
+        tx.execute(
+            "INSERT INTO shadowmig.reread (migration, key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&migration, &hex_key(&k)],
+        )
+        .await
+        .map_err(|e| pg_err("recording a re-read", e))?;
+        keys.push(k);
+    }
+    Ok(keys)
 }
 
 /// One connected stretch of the migration: from the committed state to an outcome or error.
@@ -649,6 +797,7 @@ async fn run_once(
     let tgt = catalog::connect(&spec.target.url)
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
+    take_writer_lock(&tgt, spec, shutdown).await?;
     let prepared = prepare(spec, &src, &tgt).await?;
     let progress = ProgressKey {
         migration: spec.name.clone(),
@@ -691,7 +840,8 @@ async fn run_once(
             &spec.slot_name(),
             committed.unwrap_or(Lsn::ZERO),
             &options,
-            StreamConfig::default(),
+            // Frequent status updates: the slot follows what is applied within a second.
+            StreamConfig::default().status_interval(Duration::from_secs(1)),
         )
         .await
         .map_err(|e| repl_err("starting replication", e))?;
@@ -704,6 +854,7 @@ async fn run_once(
         .unwrap_or(1);
     let shared = Arc::new(Shared {
         paused: AtomicBool::new(false),
+        workers: AtomicU64::new(u64::from(spec.copy.workers.max(1))),
         chunk_rows: AtomicU64::new(spec.copy.chunk_rows),
         max_lag_bytes: AtomicU64::new(spec.throttle.max_lag_bytes),
         max_apply_lag_ms: AtomicU64::new(spec.throttle.max_apply_lag_ms),
@@ -744,6 +895,8 @@ async fn run_once(
         rereads_done: Vec::new(),
         new_rereads: Vec::new(),
         applied: 0,
+        batch_copied: 0,
+        position: committed.unwrap_or(Lsn::ZERO),
     };
     let mut decoder = Decoder::new(1);
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
@@ -759,6 +912,21 @@ async fn run_once(
     let mut control_check = Instant::now();
     let started = Instant::now();
     let mut caught_up_logged = false;
+    let mut bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let estimate: Option<i64> = src
+            .query_opt(
+                "SELECT sum(greatest(c.reltuples, 0))::int8 FROM pg_class c \
+                 WHERE c.oid = $1::int8::oid OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid) WHERE isleaf)",
+                &[&i64::from(prepared.source_oid)],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.try_get(0).ok());
+        Some(Progress::new(estimate.unwrap_or(0).max(0) as u64))
+    } else {
+        None
+    };
 
     loop {
         if *shutdown.borrow() {
@@ -775,8 +943,24 @@ async fn run_once(
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0);
             shared.apply_lag_ms.store(lag, Ordering::Relaxed);
+            metrics::gauge!(crate::metrics::APPLY_LAG_SECONDS).set(lag as f64 / 1000.0);
+            // Lag in bytes: the source's WAL position against what is confirmed (the slot
+            // advances over other tables' WAL while idle too).
+            if let Ok(row) = src
+                .query_one(
+                    "SELECT coalesce((SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
+                     FROM pg_replication_slots WHERE slot_name = $1), 0)",
+                    &[&spec.slot_name()],
+                )
+                .await
+            {
+                let bytes: i64 = row.get(0);
+                metrics::gauge!(crate::metrics::APPLY_LAG_BYTES).set(bytes as f64);
+            }
         }
-        if last_report.elapsed() > Duration::from_secs(5) {
+        if let Some(bar) = bar.as_mut() {
+            bar.update(&copy_state, ap.applied, last_end);
+        } else if last_report.elapsed() > Duration::from_secs(5) {
             last_report = Instant::now();
             tracing::info!(
                 rows_copied = copy_state.rows_copied,
@@ -811,6 +995,10 @@ async fn run_once(
                     ap.flush(&stream).await?;
                     oldest_unapplied = None;
                 }
+                if txn.is_none() && ap.is_empty() {
+                    // Everything processed is applied (or durably queued for a re-read).
+                    stream.confirm(ap.position);
+                }
                 if copy_state.done
                     && txn.is_none()
                     && ap.is_empty()
@@ -834,18 +1022,27 @@ async fn run_once(
             Ok(Some(Err(e))) => return Err(repl_err("reading the stream", e)),
             Ok(Some(Ok(ev))) => ev,
         };
-        let ReplicationEvent::XLogData { data, .. } = event else {
+        let ReplicationEvent::XLogData {
+            data, wal_start, ..
+        } = event
+        else {
             continue;
         };
         let msg = decoder
             .decode(&data)
             .map_err(|e| RunError::Fatal(format!("decoding the change stream: {e}")))?;
+        if txn.is_none() && !matches!(msg, LogicalMessage::Begin { .. }) {
+            // A message outside any transaction (a watermark or sync marker).
+            ap.position = ap.position.max(wal_start);
+        }
         match msg {
             LogicalMessage::Begin { xid, .. } => {
                 txn = Some(Txn {
                     xid,
                     changes: Vec::new(),
                     keys: Vec::new(),
+                    track: tracker.open_windows() > 0,
+                    spill: None,
                 });
             }
             LogicalMessage::Relation { body, .. } if body.oid == prepared.source_oid => {
@@ -862,21 +1059,25 @@ async fn run_once(
             }
             LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    t.keys.push(key_of(&prepared, &new)?);
-                    t.changes.push(Change::Upsert { new });
+                    let k = key_of(&prepared, &new)?;
+                    t.add(Change::Upsert { new }, [k], opts.batch_changes)?;
                 }
             }
             LogicalMessage::Update {
                 relation, old, new, ..
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    t.keys.push(key_of(&prepared, &new)?);
+                    let k = key_of(&prepared, &new)?;
                     match old {
                         Some((old_kind, old)) => {
-                            t.keys.push(key_of(&prepared, &old)?);
-                            t.changes.push(Change::KeyChange { old, old_kind, new });
+                            let ko = key_of(&prepared, &old)?;
+                            t.add(
+                                Change::KeyChange { old, old_kind, new },
+                                [k, ko],
+                                opts.batch_changes,
+                            )?;
                         }
-                        None => t.changes.push(Change::Upsert { new }),
+                        None => t.add(Change::Upsert { new }, [k], opts.batch_changes)?,
                     }
                 }
             }
@@ -886,8 +1087,8 @@ async fn run_once(
                 ..
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    t.keys.push(key_of(&prepared, &old)?);
-                    t.changes.push(Change::Delete { old });
+                    let k = key_of(&prepared, &old)?;
+                    t.add(Change::Delete { old }, [k], opts.batch_changes)?;
                 }
             }
             LogicalMessage::Truncate { relations, .. }
@@ -904,8 +1105,20 @@ async fn run_once(
             LogicalMessage::Commit { end_lsn, .. } => {
                 let Some(t) = txn.take() else { continue };
                 last_end = end_lsn;
+                ap.position = ap.position.max(end_lsn);
                 tracker.on_commit(t.xid, t.keys);
-                if committed.is_some_and(|c| end_lsn <= c) || t.changes.is_empty() {
+                if committed.is_some_and(|c| end_lsn <= c)
+                    || (t.changes.is_empty() && t.spill.is_none())
+                {
+                    continue;
+                }
+                if let Some(spill) = t.spill {
+                    // Too large for one batch: apply what came before, then this transaction
+                    // alone, in parts, inside one target transaction.
+                    ap.flush(&stream).await?;
+                    ap.apply_large(&stream, spill, t.changes, end_lsn, opts.batch_changes)
+                        .await?;
+                    oldest_unapplied = None;
                     continue;
                 }
                 oldest_unapplied.get_or_insert_with(Instant::now);
@@ -925,7 +1138,10 @@ async fn run_once(
                     continue;
                 };
                 match kind {
-                    "lw" => tracker.on_low(id),
+                    "lw" => {
+                        tracing::debug!(chunk = id, position = %last_end, "low watermark");
+                        tracker.on_low(id)
+                    }
                     "hw" => {
                         // The copier sends a chunk's rows before it emits its hw.
                         while !ready.contains_key(&id) {
@@ -941,7 +1157,19 @@ async fn run_once(
                         let Some(chunk) = ready.remove(&id) else {
                             continue;
                         };
-                        match tracker.on_high(id, &chunk.snapshot) {
+                        let outcome = tracker.on_high(id, &chunk.snapshot);
+                        tracing::debug!(
+                            chunk = id,
+                            rows = chunk.rows.len(),
+                            snapshot = ?chunk.snapshot,
+                            outcome = match &outcome {
+                                HighOutcome::Apply { touched } => format!("apply, {} touched", touched.len()),
+                                HighOutcome::Retry { xid } => format!("retry (xid {xid})"),
+                                HighOutcome::Unknown => "unknown".into(),
+                            },
+                            "high watermark"
+                        );
+                        match outcome {
                             HighOutcome::Retry { xid } => {
                                 tracing::info!(chunk = id, xid, "a transaction that committed just before the chunk's low watermark was invisible to its snapshot: reading the chunk again");
                                 let _ = job_tx.send(chunk.job);
@@ -957,6 +1185,7 @@ async fn run_once(
                                         .map_err(|e| RunError::Fatal(e.to_string()))?;
                                     if !touched.contains(&k) {
                                         ap.push(lsn, Change::Upsert { new: row });
+                                        ap.batch_copied += 1;
                                         n += 1;
                                     }
                                 }
@@ -1023,10 +1252,99 @@ async fn run_once(
     }
 }
 
+/// The source transaction being received. Without streaming, a transaction arrives whole at
+/// its commit position, so the watermark windows open at its Begin are those open at its
+/// Commit: keys are collected only when one is.
 struct Txn {
     xid: u32,
     changes: Vec<Change>,
     keys: Vec<KeyValue>,
+    track: bool,
+    /// Changes beyond what is held in memory, for transactions larger than a batch.
+    spill: Option<Spill>,
+}
+
+impl Txn {
+    fn add(
+        &mut self,
+        change: Change,
+        keys: impl IntoIterator<Item = KeyValue>,
+        limit: usize,
+    ) -> Result<(), RunError> {
+        if self.track {
+            self.keys.extend(keys);
+        }
+        self.changes.push(change);
+        if self.changes.len() >= limit {
+            let spill = match self.spill.as_mut() {
+                Some(s) => s,
+                None => self
+                    .spill
+                    .insert(Spill::new().map_err(|e| RunError::Fatal(e.to_string()))?),
+            };
+            for c in self.changes.drain(..) {
+                spill.push(&c).map_err(|e| RunError::Fatal(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The terminal display of `run`: a bar with rate and ETA while backfilling, then a line
+/// of streaming figures. Off the terminal, periodic log lines say the same.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    streaming: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(estimate: u64) -> Progress {
+        let bar = indicatif::ProgressBar::new(estimate);
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} backfill [{bar:30}] {human_pos}/{human_len} rows  {rate}  ETA {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} rows/s", st.per_sec());
+            },
+        )
+        .progress_chars("=> ");
+        bar.set_style(style);
+        Progress {
+            bar,
+            streaming: false,
+            last: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, copy: &CopyState, applied: u64, position: Lsn) {
+        if self.last.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last = Instant::now();
+        if copy.done && !self.streaming {
+            self.streaming = true;
+            self.bar.finish_with_message("done");
+            self.bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} streaming  {msg}")
+            {
+                self.bar.set_style(style);
+            }
+        }
+        let copied = copy.rows_copied.max(0) as u64;
+        if !self.streaming {
+            if copied > self.bar.length().unwrap_or(0) {
+                self.bar.set_length(copied);
+            }
+            self.bar.set_position(copied);
+        }
+        self.bar
+            .set_message(format!("{applied} changes applied, at {position}"));
+        self.bar.tick();
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -1096,20 +1414,33 @@ async fn pause(
     Ok(Outcome::Paused(msg))
 }
 
+/// Reads the operator's controls (`pause`, `resume`, `throttle`) from the state table and
+/// logs each change once.
 async fn read_controls(c: &Client, name: &str, shared: &Shared) {
     let Ok(Some(m)) = state::read_migration(c, name).await else {
         return;
     };
-    shared.paused.store(m.paused, Ordering::Relaxed);
-    if let Some(v) = m.chunk_rows.filter(|v| *v > 0) {
-        shared.chunk_rows.store(v as u64, Ordering::Relaxed);
+    if shared.paused.swap(m.paused, Ordering::Relaxed) != m.paused {
+        tracing::info!(
+            "backfill {} by the operator",
+            if m.paused { "paused" } else { "resumed" }
+        );
     }
-    if let Some(v) = m.max_lag_bytes.filter(|v| *v > 0) {
-        shared.max_lag_bytes.store(v as u64, Ordering::Relaxed);
-    }
-    if let Some(v) = m.max_apply_lag_ms.filter(|v| *v > 0) {
-        shared.max_apply_lag_ms.store(v as u64, Ordering::Relaxed);
-    }
+    let set = |slot: &AtomicU64, v: Option<i64>, what: &str| {
+        if let Some(v) = v.filter(|v| *v > 0).map(|v| v as u64) {
+            if slot.swap(v, Ordering::Relaxed) != v {
+                tracing::info!("{what} set to {v} by the operator");
+            }
+        }
+    };
+    set(&shared.chunk_rows, m.chunk_rows, "chunk_rows");
+    set(&shared.workers, m.workers.map(i64::from), "workers");
+    set(&shared.max_lag_bytes, m.max_lag_bytes, "max_lag_bytes");
+    set(
+        &shared.max_apply_lag_ms,
+        m.max_apply_lag_ms,
+        "max_apply_lag_ms",
+    );
 }
 
 /// The backfill: plans key ranges in order and reads them with `workers` connections, each
@@ -1126,8 +1457,9 @@ async fn copier(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     job_tx: mpsc::UnboundedSender<Job>,
 ) {
-    let workers = spec.copy.workers.max(1) as usize;
-    let permits = Arc::new(Semaphore::new(workers));
+    // Sized for the most workers an operator may ask for; `shared.workers` caps how many
+    // chunks are read at once, and connections are opened as they are first needed.
+    let permits = Arc::new(Semaphore::new(MAX_WORKERS));
     let planner_client = match catalog::connect(&spec.source.url).await {
         Ok(c) => c,
         Err(e) => {
@@ -1138,16 +1470,7 @@ async fn copier(
     let mut lo = frontier;
     let mut planned_all = done;
     let mut next_id: u64 = 1;
-    let mut worker_clients = Vec::new();
-    for _ in 0..workers {
-        match catalog::connect(&spec.source.url).await {
-            Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
-            Err(e) => {
-                tracing::error!("backfill: cannot connect to the source: {e}");
-                return;
-            }
-        }
-    }
+    let mut worker_clients: Vec<Arc<tokio::sync::Mutex<Client>>> = Vec::new();
     let mut rr = 0usize;
     let mut throttled = false;
     loop {
@@ -1198,9 +1521,22 @@ async fn copier(
                 job
             }
         };
+        let workers = (shared.workers.load(Ordering::Relaxed) as usize).clamp(1, MAX_WORKERS);
+        while MAX_WORKERS - permits.available_permits() >= workers {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        while worker_clients.len() < workers {
+            match catalog::connect(&spec.source.url).await {
+                Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
+                Err(e) => {
+                    tracing::error!("backfill: cannot connect to the source: {e}");
+                    return;
+                }
+            }
+        }
         let client = worker_clients[rr % workers].clone();
         rr += 1;
         let source = source.clone();

@@ -65,6 +65,21 @@ pub struct VerifyStatus {
     pub mismatch_rate: f64,
 }
 
+/// The operator's runtime controls (`pause`, `resume`, `throttle`), as `run` applies them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ControlsStatus {
+    /// The backfill is paused.
+    pub paused: bool,
+    /// Rows per backfill chunk.
+    pub chunk_rows: u64,
+    /// Backfill workers.
+    pub workers: u64,
+    /// Backfill waits while the slot holds more WAL than this.
+    pub max_lag_bytes: u64,
+    /// Backfill waits while apply lags more than this.
+    pub max_apply_lag_ms: u64,
+}
+
 /// Traffic routing.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RoutingStatus {
@@ -93,6 +108,8 @@ pub struct Status {
     pub changes_applied: i64,
     /// Verification counters.
     pub verify: VerifyStatus,
+    /// Runtime controls.
+    pub controls: ControlsStatus,
     /// Routing.
     pub routing: RoutingStatus,
 }
@@ -260,8 +277,32 @@ pub async fn gather(spec: &Spec) -> Result<Status, StatusError> {
             checked: 0,
             mismatch_rate: 0.0,
         },
+        controls: ControlsStatus {
+            paused: migration.as_ref().map(|m| m.paused).unwrap_or(false),
+            chunk_rows: pick(
+                migration.as_ref().and_then(|m| m.chunk_rows),
+                spec.copy.chunk_rows,
+            ),
+            workers: pick(
+                migration.as_ref().and_then(|m| m.workers.map(i64::from)),
+                u64::from(spec.copy.workers),
+            ),
+            max_lag_bytes: pick(
+                migration.as_ref().and_then(|m| m.max_lag_bytes),
+                spec.throttle.max_lag_bytes,
+            ),
+            max_apply_lag_ms: pick(
+                migration.as_ref().and_then(|m| m.max_apply_lag_ms),
+                spec.throttle.max_apply_lag_ms,
+            ),
+        },
         routing: RoutingStatus { generation: 0 },
     })
+}
+
+/// An operator's setting if there is a positive one, else the spec's.
+fn pick(set: Option<i64>, spec: u64) -> u64 {
+    set.filter(|v| *v > 0).map(|v| v as u64).unwrap_or(spec)
 }
 
 fn bytes_h(b: i64) -> String {
@@ -356,6 +397,21 @@ impl Status {
                     self.verify.mismatches,
                     self.verify.checked,
                     self.verify.mismatch_rate * 100.0
+                ),
+            ),
+            (
+                "controls",
+                format!(
+                    "{}chunk_rows {}, workers {}, max_lag_bytes {}, max_apply_lag_ms {}",
+                    if self.controls.paused {
+                        "backfill PAUSED; "
+                    } else {
+                        ""
+                    },
+                    self.controls.chunk_rows,
+                    self.controls.workers,
+                    self.controls.max_lag_bytes,
+                    self.controls.max_apply_lag_ms
                 ),
             ),
             ("routing generation", self.routing.generation.to_string()),

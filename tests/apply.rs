@@ -1230,3 +1230,47 @@ async fn full_identity_old_rows_move_partitions_and_delete() {
         "999|moved"
     );
 }
+
+/// A source transaction larger than a batch is written as several batches in one target
+/// transaction: a later part must not re-apply an earlier part's staged rows (a row the
+/// first part upserted and the second deleted must stay deleted).
+#[tokio::test]
+async fn several_batches_in_one_transaction_do_not_replay_each_other() {
+    let (c, db, mut cl) = setup("apply_parts", SIMPLE).await;
+    c.psql(
+        &db,
+        "INSERT INTO src SELECT g, 'v' || g FROM generate_series(1, 10) g",
+    )
+    .unwrap();
+    let cols = source_columns(&cl, "src", &["id"]).await;
+    let mut w = ApplyWriter::new(
+        copy_target("public", "dst", &cols, &["id"]),
+        progress("parts"),
+    )
+    .unwrap();
+    let rows = tuples(&cl, "src", &cols, "true", false).await;
+    let deletes: Vec<SourceChange> = rows[..4]
+        .iter()
+        .map(|r| {
+            ch(
+                70,
+                Change::Delete {
+                    old: key_only(&cols, r),
+                },
+            )
+        })
+        .collect();
+    let tx = cl.transaction().await.unwrap();
+    w.write_batch(&tx, &upserts(70, rows.clone()), Lsn(70))
+        .await
+        .unwrap();
+    w.write_batch(&tx, &deletes, Lsn(70)).await.unwrap();
+    w.write_batch(&tx, &upserts(70, rows[9..].to_vec()), Lsn(70))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    w.batch_committed();
+    c.psql(&db, "DELETE FROM src WHERE id <= 4").unwrap();
+    same(c, &db, "src", "dst", "id");
+    assert_eq!(c.psql(&db, "SELECT count(*) FROM dst").unwrap(), "6");
+}

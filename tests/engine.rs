@@ -94,6 +94,19 @@ fn orders_backfill_alone_matches() {
 fn crash_run(seed: u64) {
     let (c, db) = testpg::fresh_db(&format!("engine_crash_{seed}")).unwrap();
     setup(c, &db, 4000);
+    // A history of every row change with its transaction, to explain a failure.
+    c.psql(
+        &db,
+        "CREATE TABLE orders_audit (at timestamptz DEFAULT clock_timestamp(), xid bigint DEFAULT txid_current(), \
+           lsn pg_lsn DEFAULT pg_current_wal_insert_lsn(), op text, old_id bigint, old_c bigint, new_id bigint, new_c bigint);
+         CREATE FUNCTION orders_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           INSERT INTO orders_audit (op, old_id, old_c, new_id, new_c) VALUES
+             (TG_OP, CASE WHEN TG_OP <> 'INSERT' THEN OLD.id END, CASE WHEN TG_OP <> 'INSERT' THEN OLD.customer_id END,
+              CASE WHEN TG_OP <> 'DELETE' THEN NEW.id END, CASE WHEN TG_OP <> 'DELETE' THEN NEW.customer_id END);
+           RETURN NULL; END $$;
+         CREATE TRIGGER orders_audit AFTER INSERT OR UPDATE OR DELETE ON orders FOR EACH ROW EXECUTE FUNCTION orders_audit();",
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, &format!("crash_{seed}"), &c.url(&db), 300);
     let log = dir.path().join("runs.log");
@@ -137,10 +150,34 @@ fn crash_run(seed: u64) {
             std::env::temp_dir().join(format!("shadowmig-crash-{seed}-{}.log", std::process::id()));
         let _ = std::fs::copy(&log, &keep);
         eprintln!("run logs kept in {}", keep.display());
+        let (missing, extra) = common::diff(c, &db, common::ORDERS_EXPECTED, common::ORDERS_ACTUAL);
+        for row in missing.iter().chain(extra.iter()) {
+            let mut f = row.trim_start_matches('(').split(',');
+            let (cust, id) = (f.next().unwrap_or("0"), f.next().unwrap_or("0"));
+            eprintln!(
+                "history of id {id} (customer {cust}):\n{}",
+                c.psql(
+                    &db,
+                    &format!(
+                        "SELECT * FROM orders_audit WHERE {id} IN (old_id, new_id) ORDER BY at"
+                    )
+                )
+                .unwrap_or_default()
+            );
+        }
         std::panic::resume_unwind(e);
     }
     assert!(kills >= 3);
     eprintln!("seed {seed}: {kills} kills, {stats:?}");
+    // Free the slot: many seeds share one cluster with a fixed number of slots.
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Seeds to run: `SHADOWMIG_CRASH_SEEDS=a..b` soaks many (e.g. `1..200`); CI runs a few.
@@ -458,4 +495,353 @@ fn bad_input_to_run_is_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("preflight") && err.contains("orders"), "{err}");
     assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn a_source_transaction_larger_than_a_batch_is_applied_whole() {
+    let (c, db) = testpg::fresh_db("engine_large_txn").unwrap();
+    setup(c, &db, 30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "large_txn", &c.url(&db), 5000);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(120)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // One transaction of 50,000 changes (more than a 20,000-change batch): updates, inserts,
+    // key changes and deletes.
+    c.psql(
+        &db,
+        "BEGIN;
+         UPDATE orders SET status = 'bulk', total_amount = total_amount + 1;
+         INSERT INTO orders (customer_id, total_amount, status) SELECT 1 + i % 97, i, 'bulk-new' FROM generate_series(1, 15000) i;
+         UPDATE orders SET customer_id = customer_id + 1 WHERE id % 10 = 0;
+         DELETE FROM orders WHERE id % 13 = 0;
+         COMMIT;",
+    )
+    .unwrap();
+    if !wait_equal(c, &db, Duration::from_secs(90)) {
+        common::assert_orders_equal(c, &db);
+    }
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("applying a large source transaction in parts"),
+        "{log}"
+    );
+    common::assert_orders_equal(c, &db);
+}
+
+#[test]
+fn every_common_type_survives_backfill_and_streaming() {
+    let (c, db) = testpg::fresh_db("engine_types").unwrap();
+    c.psql(
+        &db,
+        r#"CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+        CREATE SCHEMA "Odd ""S""";
+        CREATE TABLE "Odd ""S"""."Typed ✓" (
+            "Id" int PRIMARY KEY, t text, n numeric(12,3), ts timestamptz, jb jsonb, js json,
+            b bytea, arr int[], m mood, u uuid, p point, big text, nul text
+        );
+        ALTER TABLE "Odd ""S"""."Typed ✓" ALTER COLUMN big SET STORAGE EXTERNAL;
+        INSERT INTO "Odd ""S"""."Typed ✓"
+        SELECT i, 'täxt ' || i, i * 1.5, '2024-05-01 12:00:00+02'::timestamptz + i * interval '1 hour',
+               jsonb_build_object('k', i, 'a', jsonb_build_array(1, 'x')), json_build_object('k', i)::json,
+               decode(md5(i::text), 'hex'), ARRAY[i, -i, NULL], (ARRAY['sad','ok','happy']::mood[])[1 + i % 3],
+               md5(i::text)::uuid, point(i, -i), CASE WHEN i % 4 = 0 THEN repeat(md5(i::text), 300) END, NULL
+        FROM generate_series(1, 400) i;"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("types.toml");
+    let url = c.url(&db);
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "types_mig"
+[source]
+url = "{url}"
+table = '"Odd ""S"""."Typed ✓"'
+[target]
+table = '"Odd ""S"""."Typed v2 ✓"'
+create = '''CREATE TABLE "Odd ""S"""."Typed v2 ✓" (LIKE "Odd ""S"""."Typed ✓"); ALTER TABLE "Odd ""S"""."Typed v2 ✓" ADD PRIMARY KEY ("Id")'''
+[copy]
+chunk_rows = 64
+"#
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    let expected = r#"SELECT x::text FROM "Odd ""S"""."Typed ✓" x"#;
+    let actual = r#"SELECT x::text FROM "Odd ""S"""."Typed v2 ✓" x"#;
+    let equal = |c: &TestCluster| matches!(common::try_diff(c, &db, expected, actual), Some((m, e)) if m.is_empty() && e.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !equal(c) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        equal(c),
+        "backfill differs:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Streaming: updates that leave the TOASTed column alone, set NULLs, change every type.
+    c.psql(
+        &db,
+        r#"UPDATE "Odd ""S"""."Typed ✓" SET t = t || '!', n = -n, p = point(0.5, 1e10), js = '[1, {"a": null}]'
+           WHERE "Id" % 3 = 0;
+           UPDATE "Odd ""S"""."Typed ✓" SET arr = NULL, jb = 'null', m = 'happy', b = '\x00ff' WHERE "Id" % 5 = 0;
+           UPDATE "Odd ""S"""."Typed ✓" SET big = big || 'tail' WHERE "Id" % 8 = 0;
+           DELETE FROM "Odd ""S"""."Typed ✓" WHERE "Id" % 7 = 0;
+           INSERT INTO "Odd ""S"""."Typed ✓" ("Id", t, big) VALUES (1000, 'new', repeat('z', 9000));"#,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !equal(c) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let diff = common::try_diff(c, &db, expected, actual);
+    assert!(
+        equal(c),
+        "streaming differs: {diff:#?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+}
+
+fn status_json(spec: &Path) -> serde_json::Value {
+    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn pause_resume_and_throttle_act_on_a_running_backfill() {
+    let (c, db) = testpg::fresh_db("engine_controls").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "controls_mig", &c.url(&db), 50);
+    let out = shadowmig(&["pause", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no migration yet: a clear error"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shadowmig run"));
+
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_json(&spec)["copy"]["rows_copied"]
+        .as_i64()
+        .unwrap_or(0)
+        == 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = shadowmig(&["pause", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let a = status_json(&spec);
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = status_json(&spec);
+    assert_eq!(a["controls"]["paused"], true);
+    assert_eq!(
+        a["copy"]["rows_copied"], b["copy"]["rows_copied"],
+        "paused backfill must not copy"
+    );
+    assert_eq!(b["copy"]["done"], false);
+
+    let out = shadowmig(&[
+        "throttle",
+        spec.to_str().unwrap(),
+        "--chunk-rows",
+        "5000",
+        "--workers",
+        "3",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = shadowmig(&["throttle", spec.to_str().unwrap(), "--workers", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let out = shadowmig(&["resume", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let st = status_json(&spec);
+    assert_eq!(st["controls"]["chunk_rows"], 5000);
+    assert_eq!(st["controls"]["workers"], 3);
+    assert_eq!(st["controls"]["paused"], false);
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    for line in [
+        "backfill paused by the operator",
+        "backfill resumed by the operator",
+        "chunk_rows set to 5000",
+        "workers set to 3",
+    ] {
+        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
+    }
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn prometheus_metrics_report_copy_and_apply() {
+    let (c, db) = testpg::fresh_db("engine_metrics").unwrap();
+    setup(c, &db, 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "metrics_mig", &c.url(&db), 300);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut text = std::fs::read_to_string(&spec).unwrap();
+    text.push_str(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    std::fs::write(&spec, text).unwrap();
+    let mut child = spawn_run(&spec, &dir.path().join("run.log"));
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    c.psql(&db, "UPDATE orders SET status = 'm' WHERE id <= 25")
+        .unwrap();
+    assert!(wait_equal(c, &db, Duration::from_secs(30)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut body = String::new();
+    while Instant::now() < deadline {
+        body = http_get(port, "/metrics");
+        if metric(&body, "shadowmig_changes_applied_total").unwrap_or(0.0) >= 25.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        metric(&body, "shadowmig_rows_copied_total"),
+        Some(1500.0),
+        "{body}"
+    );
+    assert!(
+        metric(&body, "shadowmig_changes_applied_total").unwrap_or(0.0) >= 25.0,
+        "{body}"
+    );
+    for name in [
+        "shadowmig_apply_lag_bytes",
+        "shadowmig_apply_lag_seconds",
+        "shadowmig_batch_size_count",
+        "shadowmig_apply_seconds_count",
+        "shadowmig_stage",
+    ] {
+        assert!(metric(&body, name).is_some(), "{name} missing:\n{body}");
+    }
+    assert!(
+        body.contains("# HELP shadowmig_rows_copied_total"),
+        "{body}"
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+}
+
+#[test]
+fn a_second_live_run_of_the_same_migration_is_refused() {
+    let (c, db) = testpg::fresh_db("engine_two_runs").unwrap();
+    setup(c, &db, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "two_runs", &c.url(&db), 100);
+    let mut first = spawn_run(&spec, &dir.path().join("run1.log"));
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let out = shadowmig(&["run", spec.to_str().unwrap()])
+        .env("SHADOWMIG_WRITER_LOCK_WAIT_SECS", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another `shadowmig run`"), "{err}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run goes on");
+    c.psql(
+        &db,
+        "UPDATE orders SET status = 'still-streaming' WHERE id = 1",
+    )
+    .unwrap();
+    assert!(wait_equal(c, &db, Duration::from_secs(30)));
+    assert_eq!(sigterm(&mut first).code(), Some(0));
+}
+
+#[test]
+fn the_slot_advances_during_backfill_and_while_idle() {
+    let (c, db) = testpg::fresh_db("engine_slot_advance").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "slot_adv", &c.url(&db), 500);
+    // A WAL limit far below what the backfill itself writes into the same database: the
+    // backfill must still finish (the slot has to be confirmed past its own watermarks).
+    let mut text = std::fs::read_to_string(&spec).unwrap();
+    text.push_str("[throttle]\nmax_lag_bytes = 4000000\n");
+    std::fs::write(&spec, text).unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(120)),
+        "backfill stalled:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Idle source table; WAL written elsewhere. The slot must follow.
+    c.psql(
+        &db,
+        "CREATE TABLE unrelated AS SELECT g FROM generate_series(1, 100000) g",
+    )
+    .unwrap();
+    let target = c.psql(&db, "SELECT pg_current_wal_insert_lsn()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let advanced = loop {
+        let ok = c
+            .psql(&db, &format!("SELECT confirmed_flush_lsn >= '{target}' FROM pg_replication_slots WHERE slot_name = 'shadowmig_slot_adv'"))
+            .unwrap();
+        if ok == "t" || Instant::now() > deadline {
+            break ok == "t";
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        advanced,
+        "an idle slot must advance:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
 }

@@ -66,6 +66,9 @@ struct Stage {
     name: String,
     /// Known to exist in the session (its CREATE committed).
     created: bool,
+    /// Loaded in the current transaction: its rows stay until commit (ON COMMIT DELETE
+    /// ROWS), so a second batch in the same transaction must empty it first.
+    used: bool,
 }
 
 /// One group of rows staged together.
@@ -154,6 +157,7 @@ impl ApplyWriter {
     fn forget_uncommitted(&mut self) {
         for s in self.stages.values_mut() {
             s.created = false;
+            s.used = false;
         }
     }
 
@@ -163,14 +167,16 @@ impl ApplyWriter {
     pub fn batch_committed(&mut self) {
         for s in self.stages.values_mut() {
             s.created = true;
+            s.used = false;
         }
     }
 
     /// Writes a batch and its progress row into the caller's transaction without committing
     /// it: the caller commits (or rolls back), e.g. after adding a backfill chunk's checkpoint
-    /// ([`crate::state::write_copy_progress`]) to the same transaction. Call it at most once per
-    /// transaction (the stage tables empty only at commit); after a commit, call
-    /// [`ApplyWriter::batch_committed`].
+    /// ([`crate::state::write_copy_progress`]) to the same transaction. It may be called several
+    /// times in one transaction (a source transaction too large for one batch is written in
+    /// parts): a stage already loaded in this transaction is emptied before reuse. After a
+    /// commit, call [`ApplyWriter::batch_committed`].
     pub async fn write_batch(
         &mut self,
         tx: &Transaction<'_>,
@@ -365,6 +371,7 @@ impl ApplyWriter {
             Stage {
                 name: format!("shadowmig_stage_{id}_{next}"),
                 created: false,
+                used: false,
             }
         });
         if !stage.created {
@@ -373,6 +380,13 @@ impl ApplyWriter {
                 .await
                 .map_err(ApplyError::db("create stage table"))?;
         }
+        if stage.used {
+            // An earlier batch of this same transaction left its rows here.
+            tx.batch_execute(&format!("TRUNCATE {}", sql::quote_ident(&stage.name)))
+                .await
+                .map_err(ApplyError::db("empty stage table"))?;
+        }
+        stage.used = true;
         Ok(stage.name.clone())
     }
 

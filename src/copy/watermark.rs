@@ -129,12 +129,19 @@ impl<K: Hash + Eq + Clone> WatermarkTracker<K> {
         let Some(w) = self.windows.remove(&chunk) else {
             return HighOutcome::Unknown;
         };
-        for &full in &snapshot.xip {
-            let xid = full as Xid;
-            if let Some(&seq) = self.recent_index.get(&xid) {
-                if seq <= w.opened_at {
-                    return HighOutcome::Retry { xid };
-                }
+        // Every transaction that committed before the low watermark must be visible to the
+        // chunk's snapshot. An invisible one is either in `xip` or — easy to miss, and seen in
+        // the crash soak — has an xid at or above `xmax`, which is latestCompletedXid + 1 and
+        // not the next xid to be assigned: such a running transaction is invisible without
+        // being listed.
+        let before_lw = self
+            .recent
+            .iter()
+            .rev()
+            .skip_while(|&&(_, seq)| seq > w.opened_at);
+        for &(xid, _) in before_lw {
+            if !snapshot.sees(xid) {
+                return HighOutcome::Retry { xid };
             }
         }
         HighOutcome::Apply { touched: w.touched }
@@ -207,6 +214,30 @@ mod tests {
         t.on_low(5);
         // xid 30 is in the chunk snapshot's in-progress list: the chunk missed its change.
         assert_eq!(t.on_high(5, &snap(&[30])), HighOutcome::Retry { xid: 30 });
+    }
+
+    #[test]
+    fn a_transaction_at_or_above_xmax_committed_before_lw_forces_a_retry() {
+        // Seen in the crash soak: xmin = xmax = 297285, xip empty, and xid 297285 had written
+        // its commit record before the low watermark but not yet left the proc array.
+        let mut t: WatermarkTracker<i32> = WatermarkTracker::default();
+        t.on_commit(297_284, [1]);
+        t.on_commit(297_285, [2]);
+        t.on_low(5);
+        let s = Snapshot {
+            xmin: 297_285,
+            xmax: 297_285,
+            xip: vec![],
+        };
+        assert_eq!(t.on_high(5, &s), HighOutcome::Retry { xid: 297_285 });
+        // Once the snapshot sees it, the chunk may be applied.
+        t.on_low(6);
+        let s = Snapshot {
+            xmin: 297_286,
+            xmax: 297_286,
+            xip: vec![],
+        };
+        assert!(matches!(t.on_high(6, &s), HighOutcome::Apply { .. }));
     }
 
     #[test]

@@ -355,8 +355,10 @@ impl ReplicationClient {
     /// Connects with a `postgres://` URL or a `key=value` connection string and starts a
     /// `replication=database` session. Honours `host` (TCP names or a Unix socket directory;
     /// several are tried in order), `port`, `user`, `password`, `dbname`, `application_name`
-    /// and `connect_timeout`. TLS is not supported: `sslmode=require` is refused, `prefer`
-    /// connects in plain text.
+    /// and `connect_timeout` (which bounds connecting and authenticating, per host). TLS is
+    /// not supported: `sslmode=require` is refused, `prefer` connects in plain text. Without a
+    /// host, `localhost` is used; without a port, 5432; a user is required. `hostaddr`,
+    /// `options` and environment variables (`PGPASSWORD`, …) are not used.
     pub async fn connect(url_or_conninfo: &str) -> Result<Self, ReplicationError> {
         let config =
             tokio_postgres::Config::from_str(url_or_conninfo).map_err(|e| config_error(&e))?;
@@ -767,8 +769,13 @@ impl ReplicationClient {
                 b'S' => self.parameter_status(&f.body)?,
                 b'E' => {
                     let e = parse_error(&f.body);
-                    // Let the session reach ReadyForQuery so the error is the whole story.
-                    while self.recv().await?.tag != b'Z' {}
+                    // Let the session reach ReadyForQuery; the server's error is the story even
+                    // if the connection closes meanwhile.
+                    while let Ok(f) = self.recv().await {
+                        if f.tag == b'Z' {
+                            break;
+                        }
+                    }
                     return Err(ReplicationError::Server(e));
                 }
                 t => {

@@ -380,7 +380,11 @@ impl ConfirmHandle {
 ///    any transaction (a non-transactional logical message), whichever is later.
 ///
 /// Then everything the server sent has been durably handled, and the WAL up to that keepalive
-/// held nothing for this slot. The reported LSN never goes backwards. Status updates go out
+/// held no committed change for this slot. (It may hold the start of a transaction that has not
+/// committed yet, or whose commit the server has not decoded yet: such a transaction commits
+/// after the reported LSN, and PostgreSQL sends every transaction that commits after the
+/// slot's `confirmed_flush_lsn` again in full after a restart.) The reported LSN never goes
+/// backwards. Status updates go out
 /// every [`StreamConfig::status_interval`], at once when a keepalive asks for a reply, and
 /// on [`LogicalStream::send_status_now`]; the first interval update is sent right after the
 /// start (reporting `0/0`, which the server ignores, until something is confirmed).
@@ -615,7 +619,9 @@ async fn reader_task<R: AsyncRead + Unpin>(
     cmd: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
 ) {
-    let max_batch = MAX_BATCH.min(q.capacity);
+    // A batch must fit into the free room: a quarter of the capacity lets the queue fill to
+    // at least three quarters before the reader waits.
+    let max_batch = (q.capacity / 4).clamp(1, MAX_BATCH);
     let mut frames = Vec::with_capacity(max_batch);
     loop {
         // Wait for one message, then take every complete one already buffered: one channel
