@@ -575,6 +575,8 @@ struct Applier<'a> {
     applied: u64,
     /// How many of the batch's changes are backfilled rows (the rest are streamed changes).
     batch_copied: u64,
+    /// The live verification sampler, offered a share of each batch's keys.
+    sampler: Option<crate::sampler::Sampler>,
 }
 
 impl Applier<'_> {
@@ -634,6 +636,9 @@ impl Applier<'_> {
             .map_err(|e| pg_err("committing a batch", e))?;
         self.writer.batch_committed();
         stream.confirm(lsn);
+        if let Some(s) = self.sampler.as_mut() {
+            s.offer(&self.batch);
+        }
         tracing::debug!(%lsn, changes = n, copied = self.batch_copied, "batch committed");
         self.applied += n as u64;
         metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
@@ -700,6 +705,11 @@ impl Applier<'_> {
                 .write_batch(&tx, &part, lsn)
                 .await
                 .map_err(|e| apply_err("applying a large transaction", e))?;
+            // Offered before the commit: the sampler compares only after apply has passed
+            // the LSN it read the source at, so it never sees the part-applied state.
+            if let Some(s) = self.sampler.as_mut() {
+                s.offer(&part);
+            }
             rereads.extend(record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?);
         }
         tx.execute(
@@ -851,6 +861,10 @@ async fn run_once(
         new_rereads: Vec::new(),
         applied: 0,
         batch_copied: 0,
+        sampler: crate::sampler::start(
+            spec,
+            crate::sampler::key_columns(&prepared.source_columns, &prepared.copy_source.key),
+        ),
     };
     let mut decoder = Decoder::new(1);
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();

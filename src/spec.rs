@@ -979,10 +979,7 @@ impl Spec {
                 Some(x) => {
                     return Err(cx.err(
                         "[verify].random_keys_per_minute",
-                        format!(
-                            "expected an integer from 0 to 1000000, got {}",
-                            show(x)
-                        ),
+                        format!("expected an integer from 0 to 1000000, got {}", show(x)),
                     ))
                 }
             },
