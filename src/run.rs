@@ -986,7 +986,10 @@ async fn run_once(
             Ok(Some(Err(e))) => return Err(repl_err("reading the stream", e)),
             Ok(Some(Ok(ev))) => ev,
         };
-        let ReplicationEvent::XLogData { data, .. } = event else {
+        let ReplicationEvent::XLogData {
+            data, wal_start, ..
+        } = event
+        else {
             continue;
         };
         let msg = decoder
@@ -1182,6 +1185,12 @@ async fn run_once(
                         if txn.is_none() && !ap.is_empty() {
                             ap.flush(&stream).await?;
                             oldest_unapplied = None;
+                        }
+                        if txn.is_none() && ap.is_empty() {
+                            // Everything streamed before the marker is applied: confirm it,
+                            // or the marker (outside any transaction) would hold the slot's
+                            // idle advance back for good and LSN-gated re-checks never settle.
+                            stream.confirm(wal_start);
                         }
                         let idle = ap.is_empty()
                             && ready.is_empty()

@@ -27,10 +27,12 @@ use crate::raw::RawParam;
 use crate::spec::{quote_ident, Spec};
 use crate::verify::{self, KeyText, VerifyContext, VerifyError, VerifyOptions};
 
-/// Source identity keys waiting for the sampler at most (beyond it, offers are dropped).
-const CHANNEL: usize = 4096;
-/// Keys per re-check call.
-const BATCH: usize = 200;
+/// Source identity keys waiting for the sampler at most (beyond it, offers are dropped). Kept
+/// about one re-check round deep: a sample is worth more fresh than queued.
+const CHANNEL: usize = 1000;
+/// Keys per re-check call (each call waits once for apply to pass its read position, up to
+/// the stream's status interval when the source is idle, so calls are few and wide).
+const BATCH: usize = 1000;
 
 /// One source column of the identity apply matches rows by.
 #[derive(Debug, Clone)]
@@ -251,6 +253,8 @@ struct Worker {
     state: Client,
     q: Queries,
     target_lookup: bool,
+    /// Positions in `key` of the columns the target is searched by.
+    lookup: Vec<usize>,
     /// Keys already reported at warn level (later finds of the same key are counted, and
     /// logged at debug, so a lasting corruption does not flood the log).
     reported: HashSet<KeyText>,
@@ -304,15 +308,38 @@ impl Worker {
                 })?;
         ensure_columns(&state, spec.throttle.lock_timeout_ms).await?;
         let q = Queries::new(&ctx, key);
-        // The target can be searched by identity when it carries those columns as they are.
-        let target_lookup = key.iter().all(|k| {
-            !spec.transform.contains_key(&k.name)
-                && ctx.shape.columns.iter().any(|c| c.name == k.name)
+        // The target is searched by the narrowest unique part of the identity it carries as
+        // it is: the source's primary key when the identity covers it (a row moved under
+        // another target key then shows up too), else the whole identity.
+        let cat = |source| VerifyError::Catalog {
+            side: "source",
+            source,
+        };
+        let pk = match catalog::table_oid(&ctx.source, &spec.source.table)
+            .await
+            .map_err(cat)?
+        {
+            Some(oid) => catalog::primary_key(&ctx.source, oid)
+                .await
+                .map_err(cat)?
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut lookup: Vec<usize> = (0..key.len())
+            .filter(|&i| pk.contains(&key[i].name))
+            .collect();
+        if pk.is_empty() || lookup.len() != pk.len() {
+            lookup = (0..key.len()).collect();
+        }
+        let target_lookup = lookup.iter().all(|&i| {
+            !spec.transform.contains_key(&key[i].name)
+                && ctx.shape.columns.iter().any(|c| c.name == key[i].name)
         });
         Ok(Worker {
             spec: spec.clone(),
             key: key.to_vec(),
             target_lookup,
+            lookup,
             ctx,
             state,
             q,
@@ -383,6 +410,13 @@ impl Worker {
             }
             keys.sort();
             keys.dedup();
+            if !keys.is_empty() {
+                tracing::debug!(
+                    changed = changed.len(),
+                    keys = keys.len(),
+                    "live verification: re-checking"
+                );
+            }
             for part in keys.chunks(BATCH) {
                 self.check(part).await?;
             }
@@ -416,15 +450,24 @@ impl Worker {
         {
             out.push(r.try_get(0).map_err(qerr("source: target keys"))?);
         }
+        let from_source = out.len();
         if self.target_lookup {
+            let cols: Vec<KeyColumn> = self.lookup.iter().map(|&i| self.key[i].clone()).collect();
             let sql = identity_sql(
                 &self.ctx.shape.target_sql,
                 &self.ctx.shape.target_alias,
                 &self.q.target_key,
-                &self.key,
+                &cols,
                 n,
             );
-            match self.ctx.target.query(&sql, &refs).await {
+            let arity = self.q.arity;
+            let mut sub: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(n * cols.len());
+            for r in 0..n {
+                for &i in &self.lookup {
+                    sub.push(refs[r * arity + i]);
+                }
+            }
+            match self.ctx.target.query(&sql, &sub).await {
                 Ok(rows) => {
                     for r in rows {
                         out.push(r.try_get(0).map_err(qerr("target: keys of changed rows"))?);
@@ -441,6 +484,12 @@ impl Worker {
                 }
             }
         }
+        tracing::debug!(
+            identities = n,
+            from_source,
+            from_target = out.len() - from_source,
+            "live verification: changed keys resolved"
+        );
         Ok(out)
     }
 
