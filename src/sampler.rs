@@ -3,8 +3,7 @@
 //! [`verify::recheck`] (LSN-gated: a key is compared only once apply has passed the source
 //! position it was read at), and reports what it finds: `shadowmig_checked_total`,
 //! `shadowmig_mismatch_total`, a warning per mismatching key (key, kind, both rows), and
-//! cumulative counters in `shadowmig.migrations` (`verify_checked`, `verify_mismatches`) that
-//! `status` shows.
+//! cumulative counters in the target's `shadowmig.sampler_counters` that `status` shows.
 //!
 //! It owns its own connections (a read-only [`VerifyContext`] and one target connection for
 //! its two counters) and a background task. It must never write a data table, and it must
@@ -141,18 +140,25 @@ pub struct Counters {
     pub mismatches: i64,
 }
 
-/// Reads the sampler's cumulative counters from the target's state (zeros when the columns
-/// or the row do not exist yet).
+/// Reads the sampler's cumulative counters from the target's state (zeros when the table or
+/// the row does not exist yet).
 pub async fn read_counters(
     tgt: &Client,
     migration: &str,
 ) -> Result<Counters, tokio_postgres::Error> {
-    // Through to_jsonb, so a state schema without the columns yet reads as zeros.
+    let exists: bool = tgt
+        .query_one(
+            "SELECT to_regclass('shadowmig.sampler_counters') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(Counters::default());
+    }
     let row = tgt
         .query_opt(
-            "SELECT coalesce((to_jsonb(m) ->> 'verify_checked')::int8, 0), \
-                    coalesce((to_jsonb(m) ->> 'verify_mismatches')::int8, 0) \
-             FROM shadowmig.migrations m WHERE name = $1",
+            "SELECT checked, mismatches FROM shadowmig.sampler_counters WHERE migration = $1",
             &[&migration],
         )
         .await?;
@@ -306,7 +312,7 @@ impl Worker {
                     side: "target",
                     source,
                 })?;
-        ensure_columns(&state, spec.throttle.lock_timeout_ms).await?;
+        ensure_counters(&state, &spec.name).await?;
         let q = Queries::new(&ctx, key);
         // The target is searched by the narrowest unique part of the identity it carries as
         // it is: the source's primary key when the identity covers it (a row moved under
@@ -577,8 +583,8 @@ impl Worker {
         if checked > 0 {
             self.state
                 .execute(
-                    "UPDATE shadowmig.migrations SET verify_checked = verify_checked + $2, \
-                     verify_mismatches = verify_mismatches + $3 WHERE name = $1",
+                    "UPDATE shadowmig.sampler_counters SET checked = checked + $2, \
+                     mismatches = mismatches + $3 WHERE migration = $1",
                     &[&self.spec.name, &(checked as i64), &(mismatches as i64)],
                 )
                 .await
@@ -588,30 +594,26 @@ impl Worker {
     }
 }
 
-/// Adds the counter columns to `shadowmig.migrations` if they are missing (looked up first,
-/// so the usual case takes no lock; the DDL runs under `lock_timeout`).
-async fn ensure_columns(c: &Client, lock_timeout_ms: u64) -> Result<(), VerifyError> {
-    let n: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'shadowmig.migrations'::regclass \
-             AND attname IN ('verify_checked', 'verify_mismatches') AND NOT attisdropped",
-            &[],
-        )
-        .await
-        .map_err(qerr("target: reading the state table"))?
-        .try_get(0)
-        .map_err(qerr("target: reading the state table"))?;
-    if n == 2 {
-        return Ok(());
-    }
-    c.batch_execute(&format!(
-        "SET lock_timeout = {lock_timeout_ms};
-         ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS verify_checked bigint NOT NULL DEFAULT 0;
-         ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS verify_mismatches bigint NOT NULL DEFAULT 0;
-         RESET lock_timeout;"
-    ))
+/// Creates the sampler's counter table if it is missing: its own table, not columns of
+/// `shadowmig.migrations`, so the sampler never takes a lock on the row apply updates in every
+/// batch (nor an `ALTER TABLE` lock on the table).
+async fn ensure_counters(c: &Client, migration: &str) -> Result<(), VerifyError> {
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS shadowmig.sampler_counters (
+             migration text PRIMARY KEY,
+             checked bigint NOT NULL DEFAULT 0,
+             mismatches bigint NOT NULL DEFAULT 0
+         )",
+    )
     .await
-    .map_err(qerr("target: adding the sampler's counters"))
+    .map_err(qerr("target: creating the sampler's counters"))?;
+    c.execute(
+        "INSERT INTO shadowmig.sampler_counters (migration) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&migration],
+    )
+    .await
+    .map_err(qerr("target: creating the sampler's counters"))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -404,7 +404,10 @@ fn verify_section_defaults_values_and_errors() {
     assert_eq!(s.verify.sample_rate, 1.0);
     assert_eq!(s.verify.random_keys_per_minute, 0);
     let e = err(&format!("{GOOD}[verify]\nsample_rate = 1.5\n"));
-    assert!(e.contains("[verify].sample_rate") && e.contains("1.5"), "{e}");
+    assert!(
+        e.contains("[verify].sample_rate") && e.contains("1.5"),
+        "{e}"
+    );
     let e = err(&format!("{GOOD}[verify]\nsample_rate = \"all\"\n"));
     assert!(e.contains("[verify].sample_rate"), "{e}");
     let e = err(&format!("{GOOD}[verify]\nrandom_keys_per_minute = -3\n"));
