@@ -80,10 +80,12 @@ fn main() {
         &format!(
             "CREATE TABLE public.bench (id bigint PRIMARY KEY, grp int NOT NULL, v int NOT NULL, pad text);
              INSERT INTO public.bench SELECT g, g % 101, 0, md5(g::text) FROM generate_series(1, {rows}) g;
-             VACUUM ANALYZE public.bench;"
+             CREATE UNIQUE INDEX bench_ri ON public.bench (id, grp);
+             ALTER TABLE public.bench REPLICA IDENTITY USING INDEX bench_ri;"
         ),
     )
     .expect("source");
+    c.psql(&db, "VACUUM ANALYZE public.bench").expect("vacuum");
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = [
         ("off_1", false),
@@ -130,9 +132,17 @@ fn main() {
         let secs = drain(spec, &log);
         let rate = changes as f64 / secs;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let name = format!("s_{}", plan[i].0);
+        let checked = c
+            .psql(
+                &db,
+                &format!("SELECT coalesce((SELECT checked FROM shadowmig.sampler_counters WHERE migration = '{name}'), 0)"),
+            )
+            .unwrap_or_default();
         println!(
-            "drain {i} sampler {}: {secs:.2} s, {rate:.0} changes/s{}",
+            "drain {i} sampler {} (keys checked so far: {}): {secs:.2} s, {rate:.0} changes/s{}",
             if *sampler_on { "on " } else { "off" },
+            checked.trim(),
             if text.contains("live verification: mismatch") {
                 " (MISMATCH LOGGED)"
             } else {
