@@ -169,6 +169,23 @@ async fn drop_target_and_state(
             .await
             .map_err(db("removing pending re-reads"))?;
     }
+    let has_counters: bool = tgt
+        .query_one(
+            "SELECT to_regclass('shadowmig.sampler_counters') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(db("looking for the sampler's counters"))?
+        .get(0);
+    if has_counters {
+        removed += tgt
+            .execute(
+                "DELETE FROM shadowmig.sampler_counters WHERE migration = $1",
+                &[&spec.name],
+            )
+            .await
+            .map_err(db("removing the sampler's counters"))?;
+    }
     removed += tgt
         .execute(
             "DELETE FROM shadowmig.migrations WHERE name = $1",

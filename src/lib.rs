@@ -29,6 +29,7 @@ pub mod plan;
 pub mod raw;
 pub mod replication;
 pub mod run;
+pub mod sampler;
 pub mod spec;
 pub mod spill;
 pub mod state;

@@ -618,6 +618,8 @@ struct Applier<'a> {
     /// commit ends would never pass a watermark, so on an idle source the slot (and the WAL it
     /// holds, which the backfill's own writes keep growing) would never advance.
     position: Lsn,
+    /// The live verification sampler, offered a share of each batch's keys.
+    sampler: Option<crate::sampler::Sampler>,
 }
 
 impl Applier<'_> {
@@ -677,6 +679,9 @@ impl Applier<'_> {
             .map_err(|e| pg_err("committing a batch", e))?;
         self.writer.batch_committed();
         stream.confirm(lsn.max(self.position));
+        if let Some(s) = self.sampler.as_mut() {
+            s.offer(&self.batch);
+        }
         tracing::debug!(%lsn, changes = n, copied = self.batch_copied, "batch committed");
         self.applied += n as u64;
         metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
@@ -743,6 +748,11 @@ impl Applier<'_> {
                 .write_batch(&tx, &part, lsn)
                 .await
                 .map_err(|e| apply_err("applying a large transaction", e))?;
+            // Offered before the commit: the sampler compares only after apply has passed
+            // the LSN it read the source at, so it never sees the part-applied state.
+            if let Some(s) = self.sampler.as_mut() {
+                s.offer(&part);
+            }
             rereads.extend(record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?);
         }
         tx.execute(
@@ -897,6 +907,10 @@ async fn run_once(
         applied: 0,
         batch_copied: 0,
         position: committed.unwrap_or(Lsn::ZERO),
+        sampler: crate::sampler::start(
+            spec,
+            crate::sampler::key_columns(&prepared.source_columns, &prepared.copy_source.key),
+        ),
     };
     let mut decoder = Decoder::new(1);
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
@@ -1226,6 +1240,12 @@ async fn run_once(
                         if txn.is_none() && !ap.is_empty() {
                             ap.flush(&stream).await?;
                             oldest_unapplied = None;
+                        }
+                        if txn.is_none() && ap.is_empty() {
+                            // Everything streamed before the marker is applied: confirm it at
+                            // once (LSN-gated re-checks wait on it), and tell the server now.
+                            stream.confirm(ap.position);
+                            let _ = stream.send_status_now().await;
                         }
                         let idle = ap.is_empty()
                             && ready.is_empty()

@@ -430,6 +430,31 @@ pub struct CopySpec {
     pub workers: u32,
 }
 
+/// `[verify]`: the live verification sampler of `run` (see `sampler`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifySpec {
+    /// Share of applied changes whose keys are re-checked, in `[0, 1]` (default 0.01; 0 turns
+    /// the changed-key sampling off).
+    pub sample_rate: f64,
+    /// Random keys of the source and the target re-checked per minute (default 60; 0 turns
+    /// random sampling off).
+    pub random_keys_per_minute: u64,
+}
+
+/// Default `[verify].sample_rate`.
+pub const DEFAULT_SAMPLE_RATE: f64 = 0.01;
+/// Default `[verify].random_keys_per_minute`.
+pub const DEFAULT_RANDOM_KEYS_PER_MINUTE: u64 = 60;
+
+impl Default for VerifySpec {
+    fn default() -> Self {
+        VerifySpec {
+            sample_rate: DEFAULT_SAMPLE_RATE,
+            random_keys_per_minute: DEFAULT_RANDOM_KEYS_PER_MINUTE,
+        }
+    }
+}
+
 /// `[throttle]`: when the backfill pauses to protect the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThrottleSpec {
@@ -485,6 +510,8 @@ pub struct Spec {
     pub metrics: ListenSpec,
     /// `[proxy]`.
     pub proxy: ListenSpec,
+    /// `[verify]`.
+    pub verify: VerifySpec,
 }
 
 /// Default `[copy].chunk_rows`.
@@ -521,6 +548,14 @@ struct RawSpec {
     control: Option<RawControl>,
     metrics: Option<RawListen>,
     proxy: Option<RawListen>,
+    verify: Option<RawVerify>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    sample_rate: V,
+    random_keys_per_minute: V,
 }
 
 #[derive(Deserialize)]
@@ -914,6 +949,41 @@ impl Spec {
                 DEFAULT_PROXY_LISTEN,
             )?,
         };
+        let v = raw.verify.unwrap_or_default();
+        let verify = VerifySpec {
+            sample_rate: match &v.sample_rate {
+                None => DEFAULT_SAMPLE_RATE,
+                Some(x) => {
+                    let f = match x {
+                        toml::Value::Float(f) => Some(*f),
+                        toml::Value::Integer(i) => Some(*i as f64),
+                        _ => None,
+                    };
+                    match f {
+                        Some(f) if (0.0..=1.0).contains(&f) => f,
+                        _ => {
+                            return Err(cx.err(
+                                "[verify].sample_rate",
+                                format!(
+                                    "expected a fraction from 0 to 1 (e.g. 0.01), got {}",
+                                    show(x)
+                                ),
+                            ))
+                        }
+                    }
+                }
+            },
+            random_keys_per_minute: match &v.random_keys_per_minute {
+                None => DEFAULT_RANDOM_KEYS_PER_MINUTE,
+                Some(toml::Value::Integer(i)) if (0..=1_000_000).contains(i) => *i as u64,
+                Some(x) => {
+                    return Err(cx.err(
+                        "[verify].random_keys_per_minute",
+                        format!("expected an integer from 0 to 1000000, got {}", show(x)),
+                    ))
+                }
+            },
+        };
 
         Ok(Spec {
             name,
@@ -933,6 +1003,7 @@ impl Spec {
             control: ControlSpec { listen, token },
             metrics,
             proxy,
+            verify,
         })
     }
 

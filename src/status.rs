@@ -184,6 +184,13 @@ pub async fn gather(spec: &Spec) -> Result<Status, StatusError> {
     } else {
         None
     };
+    let counters = if migration.is_some() {
+        crate::sampler::read_counters(&tgt, &spec.name)
+            .await
+            .map_err(|e| StatusError::Db(catalog::db_message(&e)))?
+    } else {
+        crate::sampler::Counters::default()
+    };
     let changes_applied: i64 = extra.as_ref().and_then(|r| r.try_get(0).ok()).unwrap_or(0);
     let since_apply: Option<f64> = extra.as_ref().and_then(|r| r.try_get(1).ok()).flatten();
 
@@ -273,9 +280,13 @@ pub async fn gather(spec: &Spec) -> Result<Status, StatusError> {
         slot,
         changes_applied,
         verify: VerifyStatus {
-            mismatches: 0,
-            checked: 0,
-            mismatch_rate: 0.0,
+            mismatches: counters.mismatches,
+            checked: counters.checked,
+            mismatch_rate: if counters.checked > 0 {
+                counters.mismatches as f64 / counters.checked as f64
+            } else {
+                0.0
+            },
         },
         controls: ControlsStatus {
             paused: migration.as_ref().map(|m| m.paused).unwrap_or(false),

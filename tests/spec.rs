@@ -390,3 +390,28 @@ fn syntax_errors_near_unicode_do_not_panic() {
     assert!(e.contains("line "), "{e}");
     assert_eq!(e.lines().count(), 1, "one line: {e}");
 }
+
+#[test]
+fn verify_section_defaults_values_and_errors() {
+    let s = Spec::parse(GOOD, "migration.toml").unwrap();
+    assert_eq!(s.verify.sample_rate, 0.01);
+    assert_eq!(s.verify.random_keys_per_minute, 60);
+    let s = Spec::parse(
+        &format!("{GOOD}[verify]\nsample_rate = 1\nrandom_keys_per_minute = 0\n"),
+        "migration.toml",
+    )
+    .unwrap();
+    assert_eq!(s.verify.sample_rate, 1.0);
+    assert_eq!(s.verify.random_keys_per_minute, 0);
+    let e = err(&format!("{GOOD}[verify]\nsample_rate = 1.5\n"));
+    assert!(
+        e.contains("[verify].sample_rate") && e.contains("1.5"),
+        "{e}"
+    );
+    let e = err(&format!("{GOOD}[verify]\nsample_rate = \"all\"\n"));
+    assert!(e.contains("[verify].sample_rate"), "{e}");
+    let e = err(&format!("{GOOD}[verify]\nrandom_keys_per_minute = -3\n"));
+    assert!(e.contains("[verify].random_keys_per_minute"), "{e}");
+    let e = err(&format!("{GOOD}[verify]\nsample_rat = 0.5\n"));
+    assert!(e.contains("sample_rat"), "{e}");
+}
