@@ -97,27 +97,11 @@ pub async fn connect_sql(url: &str) -> Result<Client, TailError> {
     let (client, conn) = config
         .connect(NoTls)
         .await
-        .map_err(|e| TailError::Connect(describe_pg_error(&e)))?;
+        .map_err(|e| TailError::Connect(crate::catalog::db_message(&e)))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     Ok(client)
-}
-
-/// A one-line description of a tokio-postgres error: the server's message and SQLSTATE
-/// when there is one, else the I/O cause.
-pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
-    }
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 fn query_err(context: &str) -> impl FnOnce(tokio_postgres::Error) -> TailError + '_ {
@@ -164,7 +148,7 @@ pub async fn preflight(client: &Client, table: &str) -> Result<ResolvedTable, Ta
         .map_err(|e| {
             TailError::Table(format!(
                 "cannot resolve table name {table:?}: {}",
-                describe_pg_error(&e)
+                crate::catalog::db_message(&e)
             ))
         })?;
     let Some(row) = row else {
@@ -214,7 +198,7 @@ pub async fn ensure_publication(client: &Client, table: &ResolvedTable) -> Resul
         TailError::Privilege(format!(
             "cannot create publication {pubname} for {}: {} — the table's owner or a superuser can create it",
             table.display_name(),
-            describe_pg_error(&e)
+            crate::catalog::db_message(&e)
         ))
     })?;
     Ok(true)
