@@ -3,8 +3,10 @@
 
 mod common;
 
+use common::{http_get, shadowmig, sigterm, status_json, wait_equal, wait_exit};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,12 +36,6 @@ workers = 2
     path
 }
 
-fn shadowmig(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shadowmig"));
-    c.args(args).env("SHADOWMIG_LOG", "info");
-    c
-}
-
 /// Runs `run --exit-when-caught-up` to completion; panics with its stderr on failure.
 fn run_to_catch_up(spec: &Path) {
     let out = shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"])
@@ -53,20 +49,6 @@ fn run_to_catch_up(spec: &Path) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn spawn_run(spec: &Path, log: &Path) -> Child {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    shadowmig(&["run", spec.to_str().unwrap()])
-        .env("SHADOWMIG_LOG", "shadowmig=debug")
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .unwrap()
 }
 
 fn setup(c: &TestCluster, db: &str, rows: u64) {
@@ -196,41 +178,6 @@ fn concurrent_workload_with_kill_9_many_seeds() {
     for seed in seeds(1..3) {
         crash_run(seed);
     }
-}
-
-/// Polls until target = transform(source) or the timeout passes.
-fn wait_equal(c: &TestCluster, db: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some((m, e)) =
-            common::try_diff(c, db, common::ORDERS_EXPECTED, common::ORDERS_ACTUAL)
-        {
-            if m.is_empty() && e.is_empty() {
-                return true;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    child.wait().unwrap()
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
 }
 
 #[test]
@@ -611,18 +558,6 @@ chunk_rows = 64
     assert_eq!(sigterm(&mut child).code(), Some(0));
 }
 
-fn status_json(spec: &Path) -> serde_json::Value {
-    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn pause_resume_and_throttle_act_on_a_running_backfill() {
     let (c, db) = testpg::fresh_db("engine_controls").unwrap();
@@ -707,15 +642,6 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
     ] {
         assert!(log.contains(line), "log lacks {line:?}:\n{log}");
     }
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
 }
 
 fn metric(body: &str, name: &str) -> Option<f64> {
@@ -844,4 +770,8 @@ fn the_slot_advances_during_backfill_and_while_idle() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
+}
+
+fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {
+    common::spawn_run(spec, log, "shadowmig=debug")
 }

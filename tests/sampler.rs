@@ -6,8 +6,9 @@
 
 mod common;
 
+use common::{http_get, shadowmig, sigterm, status_json, wait_equal};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,73 +53,6 @@ listen = "127.0.0.1:{metrics_port}"
     let path = dir.path().join(format!("{name}.toml"));
     std::fs::write(&path, spec).unwrap();
     path
-}
-
-fn shadowmig(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shadowmig"));
-    c.args(args).env("SHADOWMIG_LOG", "info");
-    c
-}
-
-fn spawn_run(spec: &Path, log: &Path) -> Child {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    shadowmig(&["run", spec.to_str().unwrap()])
-        .env(
-            "SHADOWMIG_LOG",
-            "shadowmig=info,shadowmig::sampler=debug,shadowmig::verify=debug",
-        )
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .unwrap()
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    child.wait().unwrap()
-}
-
-fn wait_equal(c: &TestCluster, db: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some((m, e)) =
-            common::try_diff(c, db, common::ORDERS_EXPECTED, common::ORDERS_ACTUAL)
-        {
-            if m.is_empty() && e.is_empty() {
-                return true;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
-}
-
-fn status_json(spec: &Path) -> serde_json::Value {
-    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
 }
 
 fn metric(port: u16, name: &str) -> Option<f64> {
@@ -392,4 +326,12 @@ fn a_clean_concurrent_workload_gives_no_false_positive_and_changed_keys_are_chec
     }
     assert_eq!(mismatches_logged(&log), vec![want]);
     assert_eq!(sigterm(&mut child).code(), Some(0));
+}
+
+fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {
+    common::spawn_run(
+        spec,
+        log,
+        "shadowmig=info,shadowmig::sampler=debug,shadowmig::verify=debug",
+    )
 }

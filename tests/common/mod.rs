@@ -232,3 +232,95 @@ pub async fn orders_workload(
     }
     stats
 }
+
+/// `shadowmig ARGS` as a child process, logging at info unless told otherwise.
+pub fn shadowmig(args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_shadowmig"));
+    c.args(args).env("SHADOWMIG_LOG", "info");
+    c
+}
+
+/// Starts `shadowmig run SPEC` in the background, its stderr appended to `log`, with the
+/// given log filter.
+pub fn spawn_run(
+    spec: &std::path::Path,
+    log: &std::path::Path,
+    filter: &str,
+) -> std::process::Child {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    shadowmig(&["run", spec.to_str().unwrap()])
+        .env("SHADOWMIG_LOG", filter)
+        .stdout(std::process::Stdio::null())
+        .stderr(f)
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM to a child, then its exit status.
+pub fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    child.wait().unwrap()
+}
+
+/// The child's exit status, if it exits within `timeout`.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+/// Polls until target = transform(source) for the orders scenario, or the timeout passes.
+pub fn wait_equal(
+    c: &shadowmig::testpg::TestCluster,
+    db: &str,
+    timeout: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some((m, e)) = try_diff(c, db, ORDERS_EXPECTED, ORDERS_ACTUAL) {
+            if m.is_empty() && e.is_empty() {
+                return true;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    false
+}
+
+/// `shadowmig status SPEC --json`, parsed.
+pub fn status_json(spec: &std::path::Path) -> serde_json::Value {
+    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A plain HTTP/1.0 GET on loopback; the whole response.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
