@@ -22,6 +22,10 @@ pub struct CopyStatus {
     pub source_rows_estimate: Option<i64>,
     /// Percent done, from the estimate.
     pub percent: Option<f64>,
+    /// Rows copied per second, averaged since the migration started.
+    pub rows_per_sec: Option<f64>,
+    /// Seconds left at that rate, from the estimate (while copying).
+    pub eta_seconds: Option<f64>,
 }
 
 /// How far apply is behind the source.
@@ -106,6 +110,8 @@ pub struct Status {
     pub slot: SlotStatus,
     /// Changes applied so far.
     pub changes_applied: i64,
+    /// Changes applied per second, averaged since the migration started.
+    pub changes_per_sec: Option<f64>,
     /// Verification counters.
     pub verify: VerifyStatus,
     /// Runtime controls.
@@ -174,7 +180,8 @@ pub async fn gather(spec: &Spec) -> Result<Status, StatusError> {
     let extra = if migration.is_some() {
         tgt.query_opt(
             "SELECT changes_applied, \
-                    extract(epoch FROM now() - (SELECT updated_at FROM shadowmig.progress WHERE migration = $1 AND direction = 'forward'))::float8 \
+                    extract(epoch FROM now() - (SELECT updated_at FROM shadowmig.progress WHERE migration = $1 AND direction = 'forward'))::float8, \
+                    extract(epoch FROM now() - created_at)::float8 \
              FROM shadowmig.migrations WHERE name = $1",
             &[&spec.name],
         )
@@ -193,6 +200,12 @@ pub async fn gather(spec: &Spec) -> Result<Status, StatusError> {
     };
     let changes_applied: i64 = extra.as_ref().and_then(|r| r.try_get(0).ok()).unwrap_or(0);
     let since_apply: Option<f64> = extra.as_ref().and_then(|r| r.try_get(1).ok()).flatten();
+    let age: Option<f64> = extra
+        .as_ref()
+        .and_then(|r| r.try_get::<_, Option<f64>>(2).ok())
+        .flatten()
+        .filter(|a| *a > 0.0);
+    let per_sec = |n: i64| age.filter(|_| n > 0).map(|a| n as f64 / a);
 
     let estimate: Option<i64> = src
         .query_opt(
@@ -270,7 +283,14 @@ pub async fn gather(spec: &Spec) -> Result<Status, StatusError> {
             done,
             source_rows_estimate: estimate,
             percent,
+            rows_per_sec: per_sec(rows_copied),
+            eta_seconds: match (done, estimate, per_sec(rows_copied)) {
+                (false, Some(e), Some(r)) if e > rows_copied => Some((e - rows_copied) as f64 / r),
+                (false, _, _) => None,
+                (true, _, _) => Some(0.0),
+            },
         },
+        changes_per_sec: per_sec(changes_applied),
         lag: LagStatus {
             bytes: lag_bytes,
             seconds: lag_seconds,
@@ -352,16 +372,33 @@ impl Status {
             (
                 "copy",
                 format!(
-                    "{} rows{}{}",
+                    "{} rows{}{}{}{}",
                     self.copy.rows_copied,
                     self.copy
                         .percent
                         .map(|p| format!(" ({p:.1}%)"))
                         .unwrap_or_default(),
-                    if self.copy.done { ", done" } else { "" }
+                    if self.copy.done { ", done" } else { "" },
+                    self.copy
+                        .rows_per_sec
+                        .map(|r| format!(", {r:.0} rows/s"))
+                        .unwrap_or_default(),
+                    match (self.copy.done, self.copy.eta_seconds) {
+                        (false, Some(e)) => format!(", ETA {e:.0} s"),
+                        _ => String::new(),
+                    }
                 ),
             ),
-            ("changes applied", self.changes_applied.to_string()),
+            (
+                "changes applied",
+                format!(
+                    "{}{}",
+                    self.changes_applied,
+                    self.changes_per_sec
+                        .map(|r| format!(" ({r:.0}/s since start)"))
+                        .unwrap_or_default()
+                ),
+            ),
             ("apply LSN", opt(&self.lag.apply_lsn)),
             ("source LSN", opt(&self.lag.source_lsn)),
             (

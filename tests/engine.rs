@@ -213,6 +213,12 @@ fn sigterm_commits_and_exits_0_then_status_and_abort_leave_nothing() {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["copy"]["done"], true, "{st}");
     assert_eq!(st["copy"]["rows_copied"], 2000, "{st}");
+    assert_eq!(st["copy"]["eta_seconds"], 0.0, "{st}");
+    assert!(
+        st["copy"]["rows_per_sec"].as_f64().unwrap_or(0.0) > 0.0,
+        "{st}"
+    );
+    assert!(st["changes_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{st}");
     assert_eq!(st["stage"], "source");
     assert!(st["lag"]["apply_lsn"].as_str().unwrap().contains('/'));
     assert!(st["lag"]["bytes"].as_i64().is_some(), "{st}");
@@ -562,6 +568,7 @@ chunk_rows = 64
 fn pause_resume_and_throttle_act_on_a_running_backfill() {
     let (c, db) = testpg::fresh_db("engine_controls").unwrap();
     setup(c, &db, 20_000);
+    c.psql(&db, "ANALYZE orders").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "controls_mig", &c.url(&db), 50);
     let out = shadowmig(&["pause", spec.to_str().unwrap()])
@@ -603,6 +610,14 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
         "paused backfill must not copy"
     );
     assert_eq!(b["copy"]["done"], false);
+    assert!(
+        b["copy"]["rows_per_sec"].as_f64().unwrap_or(0.0) > 0.0,
+        "{b}"
+    );
+    assert!(
+        b["copy"]["eta_seconds"].as_f64().unwrap_or(0.0) > 0.0,
+        "an ETA while copying: {b}"
+    );
 
     let out = shadowmig(&[
         "throttle",
