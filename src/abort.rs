@@ -100,14 +100,9 @@ async fn drop_target_and_state(
     spec: &Spec,
     done: &mut Vec<String>,
 ) -> Result<(), AbortError> {
-    let have_state: bool = tgt
-        .query_one(
-            "SELECT to_regclass('shadowmig.migrations') IS NOT NULL",
-            &[],
-        )
+    let have_state = crate::state::exists(tgt)
         .await
-        .map_err(db("looking for the state tables"))?
-        .get(0);
+        .map_err(|e| AbortError(e.to_string()))?;
     if !have_state {
         return Ok(());
     }

@@ -29,15 +29,9 @@ async fn migration_client(spec: &Spec) -> Result<tokio_postgres::Client, Control
     let tgt = catalog::connect(&spec.target.url)
         .await
         .map_err(|e| ControlError(e.to_string()))?;
-    let known = tgt
-        .query_opt(
-            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = 'shadowmig' AND c.relname = 'migrations'",
-            &[],
-        )
+    let known = crate::state::exists(&tgt)
         .await
-        .map_err(|e| ControlError(catalog::db_message(&e)))?
-        .is_some()
+        .map_err(|e| ControlError(e.to_string()))?
         && tgt
             .query_opt(
                 "SELECT 1 FROM shadowmig.migrations WHERE name = $1",

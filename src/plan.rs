@@ -488,14 +488,12 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     // A target this migration created in an earlier `run` is being resumed, not clobbered.
     let created_by_us = match existing {
         Some(_) => {
-            tx.query_opt(
-                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = 'shadowmig' AND c.relname = 'migrations'",
-                &[],
-            )
-            .await
-            .map_err(pq("looking for the state tables"))?
-            .is_some()
+            crate::state::exists(&tx)
+                .await
+                .map_err(|e| PlanError::Query {
+                    what: "looking for the state tables",
+                    reason: e.to_string(),
+                })?
                 && tx
                     .query_opt(
                         "SELECT 1 FROM shadowmig.migrations m WHERE m.name = $1 \

@@ -100,6 +100,19 @@ pub async fn ensure_schema(
     tx.commit().await.map_err(db("commit state tables"))
 }
 
+/// Whether the state tables exist in this database (no `run` has set them up otherwise).
+pub async fn exists<C: GenericClient>(client: &C) -> Result<bool, StateError> {
+    client
+        .query_one(
+            "SELECT to_regclass('shadowmig.migrations') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(db("look for the state tables"))?
+        .try_get(0)
+        .map_err(db("look for the state tables"))
+}
+
 /// The last applied commit LSN of `migration`'s `direction` stream, if any batch committed.
 pub async fn read_progress<C: GenericClient>(
     client: &C,

@@ -133,14 +133,9 @@ fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StatusError {
 }
 
 async fn state_exists(tgt: &Client) -> Result<bool, StatusError> {
-    let row = tgt
-        .query_one(
-            "SELECT to_regclass('shadowmig.migrations') IS NOT NULL",
-            &[],
-        )
+    state::exists(tgt)
         .await
-        .map_err(db("looking for the state tables"))?;
-    Ok(row.get(0))
+        .map_err(|e| StatusError::Db(e.to_string()))
 }
 
 /// Gathers the status of the spec's migration.
