@@ -14,22 +14,10 @@ use std::time::{Duration, Instant};
 use shadowmig::testpg::{self, TestCluster};
 
 fn write_spec(dir: &tempfile::TempDir, name: &str, url: &str, chunk_rows: u64) -> PathBuf {
-    let target = common::ORDERS_TARGET;
-    let spec = format!(
-        r#"name = "{name}"
-[source]
-url = "{url}"
-table = "public.orders"
-[target]
-table = "public.orders_v2"
-create = """{target}"""
-[transform]
-total_amount_minor = "total_amount::bigint"
-currency = "'USD'"
-[copy]
-chunk_rows = {chunk_rows}
-workers = 2
-"#
+    let spec = common::orders_spec(
+        name,
+        url,
+        &format!("[copy]\nchunk_rows = {chunk_rows}\nworkers = 2\n"),
     );
     let path = dir.path().join(format!("{name}.toml"));
     std::fs::write(&path, spec).unwrap();

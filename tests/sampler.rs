@@ -30,25 +30,10 @@ fn write_spec(
     verify: &str,
     metrics_port: u16,
 ) -> PathBuf {
-    let target = common::ORDERS_TARGET;
-    let spec = format!(
-        r#"name = "{name}"
-[source]
-url = "{url}"
-table = "public.orders"
-[target]
-table = "public.orders_v2"
-create = """{target}"""
-[transform]
-total_amount_minor = "total_amount::bigint"
-currency = "'USD'"
-[copy]
-chunk_rows = 500
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-[verify]
-{verify}
-"#
+    let spec = common::orders_spec(
+        name,
+        url,
+        &format!("[copy]\nchunk_rows = 500\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[verify]\n{verify}\n"),
     );
     let path = dir.path().join(format!("{name}.toml"));
     std::fs::write(&path, spec).unwrap();

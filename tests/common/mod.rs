@@ -324,3 +324,21 @@ pub fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut body).unwrap();
     body
 }
+
+/// A spec for the orders scenario (source, target DDL, the transform), followed by `extra`
+/// TOML sections such as `[copy]`, `[metrics]` or `[verify]`.
+pub fn orders_spec(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[source]
+url = "{url}"
+table = "public.orders"
+[target]
+table = "public.orders_v2"
+create = """{ORDERS_TARGET}"""
+[transform]
+total_amount_minor = "total_amount::bigint"
+currency = "'USD'"
+{extra}"#
+    )
+}
