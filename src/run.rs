@@ -46,6 +46,10 @@ pub struct RunOptions {
     pub batch_changes: usize,
     /// Flush a non-empty batch when the stream has been quiet this long.
     pub batch_idle: Duration,
+    /// Flush a non-empty batch at the next transaction boundary once it is this old, however
+    /// busy the stream: a steady trickle of messages (other tables' transactions, or the
+    /// keepalives a walsender sends while it waits to shut down) must not hold changes back.
+    pub batch_max_delay: Duration,
 }
 
 impl Default for RunOptions {
@@ -54,6 +58,7 @@ impl Default for RunOptions {
             exit_when_caught_up: false,
             batch_changes: 20_000,
             batch_idle: Duration::from_millis(20),
+            batch_max_delay: Duration::from_millis(250),
         }
     }
 }
@@ -605,6 +610,8 @@ struct Applier<'a> {
     writer: ApplyWriter,
     batch: Vec<SourceChange>,
     batch_lsn: Option<Lsn>,
+    /// When the first change of the batch was added.
+    batch_started: Option<Instant>,
     batch_copy: Option<CopyState>,
     rereads_done: Vec<KeyValue>,
     /// Keys the last flush could not apply from the stream (unchanged TOAST for rows the
@@ -626,6 +633,12 @@ impl Applier<'_> {
     fn push(&mut self, lsn: Lsn, change: Change) {
         self.batch.push(SourceChange { lsn, change });
         self.batch_lsn = Some(lsn);
+        self.batch_started.get_or_insert_with(Instant::now);
+    }
+
+    /// Whether the batch has waited long enough to be flushed at the next boundary.
+    fn due(&self, max_delay: Duration) -> bool {
+        self.batch_started.is_some_and(|t| t.elapsed() >= max_delay)
     }
 
     fn is_empty(&self) -> bool {
@@ -692,6 +705,7 @@ impl Applier<'_> {
         self.batch_copied = 0;
         self.batch.clear();
         self.batch_lsn = None;
+        self.batch_started = None;
         self.batch_copy = None;
         self.rereads_done.clear();
         self.new_rereads.extend(rereads);
@@ -901,6 +915,7 @@ async fn run_once(
         writer,
         batch: Vec::new(),
         batch_lsn: None,
+        batch_started: None,
         batch_copy: None,
         rereads_done: Vec::new(),
         new_rereads: Vec::new(),
@@ -950,8 +965,20 @@ async fn run_once(
             let _ = stream.shutdown().await;
             return Ok(Outcome::Stopped);
         }
+        if txn.is_none() && ap.due(opts.batch_max_delay) {
+            ap.flush(&stream).await?;
+            oldest_unapplied = None;
+        }
         if control_check.elapsed() > Duration::from_millis(500) {
             control_check = Instant::now();
+            // A connection the server closed (a restart, an administrator) must tear the
+            // pipeline down now: a walsender that is shutting down waits for us to confirm
+            // everything it sent, which we cannot do without the target.
+            if ap.tgt.is_closed() || src.is_closed() || control.is_closed() {
+                return Err(RunError::Connection(
+                    "a connection to the source or target closed".into(),
+                ));
+            }
             read_controls(&control, &spec.name, &shared).await;
             let lag = oldest_unapplied
                 .map(|t| t.elapsed().as_millis() as u64)

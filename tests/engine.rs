@@ -393,7 +393,12 @@ fn a_source_restart_during_streaming_is_survived() {
         common::orders_workload(&mut client, 77, stop2, 300).await
     });
     std::thread::sleep(Duration::from_millis(800));
-    c.restart_fast().unwrap();
+    if let Err(e) = c.restart_fast() {
+        panic!(
+            "restart failed: {e}\nrun log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = rt.block_on(workload);
     // More writes after the restart, on a new connection.
@@ -772,6 +777,74 @@ fn the_slot_advances_during_backfill_and_while_idle() {
         "an idle slot must advance:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+}
+
+/// A stream that is never quiet — here a flood of other applications' logical messages, like
+/// the keepalives of a walsender waiting to shut down — must not hold applied changes back:
+/// batches are flushed by age, not only when the stream pauses.
+#[test]
+fn a_busy_stream_does_not_hold_changes_back() {
+    let (c, db) = testpg::fresh_db("engine_busy_stream").unwrap();
+    setup(c, &db, 500);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "busy_stream", &c.url(&db), 1000);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, stop2) = (c.url(&db), stop.clone());
+    let flood = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            // Each commit flushes the WAL at once, so the walsender sends without pause (the
+            // harness's asynchronous commit would batch them every wal_writer_delay).
+            client
+                .batch_execute("SET synchronous_commit = on")
+                .await
+                .unwrap();
+            let mut sent = 0u64;
+            let until = Instant::now() + Duration::from_secs(30);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < until {
+                client
+                    .execute("SELECT pg_logical_emit_message(true, 'noise', 'x')", &[])
+                    .await
+                    .unwrap();
+                sent += 1;
+            }
+            sent
+        })
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    c.psql(&db, "UPDATE orders SET status = 'busy-stream' WHERE id = 7")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let applied = loop {
+        let v = c
+            .psql(&db, "SELECT status FROM orders_v2 WHERE id = 7")
+            .unwrap();
+        if v == "busy-stream" || Instant::now() > deadline {
+            break v == "busy-stream";
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let still_flooding = !flood.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert!(
+        still_flooding && sent > 100,
+        "the flood must outlast the check ({sent} messages)"
+    );
+    assert!(
+        applied,
+        "a change waited behind a busy stream:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(wait_equal(c, &db, Duration::from_secs(30)));
     assert_eq!(sigterm(&mut child).code(), Some(0));
 }
 
