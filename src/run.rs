@@ -385,6 +385,10 @@ async fn start_bulk(
                 .map_err(|e| RunError::Connection(e.to_string()))?,
         );
     }
+    tracing::info!(
+        writers = n,
+        "backfill: bulk path, chunks written by binary COPY on their own connections"
+    );
     Ok(BulkPool::start(clients, target, spec.name.clone(), fence))
 }
 
@@ -781,7 +785,7 @@ impl Applier<'_> {
 
     /// True when no bulk chunk is in flight.
     fn bulk_idle(&self) -> bool {
-        self.bulk.as_ref().is_none_or(|b| b.idle())
+        self.bulk.as_ref().map_or(true, |b| b.idle())
     }
 
     /// Whether the batch has waited long enough to be flushed at the next boundary.
@@ -1009,8 +1013,12 @@ async fn run_once(
             &spec.slot_name(),
             committed.unwrap_or(Lsn::ZERO),
             &options,
-            // Frequent status updates: the slot follows what is applied within a second.
-            StreamConfig::default().status_interval(Duration::from_secs(1)),
+            // Frequent status updates: the slot follows what is applied within a second. A deep
+            // read-ahead lets the walsender go on decoding while a batch is being applied
+            // (BENCHMARKS "engine", D1): about 10–20 MB at most.
+            StreamConfig::default()
+                .status_interval(Duration::from_secs(1))
+                .channel_capacity(65_536),
         )
         .await
         .map_err(|e| repl_err("starting replication", e))?;

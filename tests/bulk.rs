@@ -236,11 +236,18 @@ async fn a_failed_chunk_fails_the_pool_and_commits_nothing_after_it() {
     let err = p.wait_idle().await.unwrap_err();
     assert!(err.to_string().contains("null value"), "{err}");
     assert!(!err.connection_lost());
-    // Only the chunk before the failure is in, with its checkpoint.
-    let n = c
-        .psql(&db, r#"SELECT count(*) FROM "Sch ☺"."Dst ✓""#)
-        .unwrap();
-    assert_eq!(n, "100");
+    // Only the chunk before the failure goes in (its writer may still be committing when the
+    // failure is reported), with its checkpoint; nothing after it ever does.
+    let count = || {
+        c.psql(&db, r#"SELECT count(*) FROM "Sch ☺"."Dst ✓""#)
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count() != "100" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(count(), "100");
     let cp = state::read_copy_progress(&cl, "m3").await.unwrap();
     assert_eq!(cp[0].last_key, Some(vec![Some("100".into())]));
     assert!(p

@@ -98,10 +98,17 @@ fn crash_run(seed: u64) {
             .wrapping_add(1442695040888963407);
         rng_state >> 33
     };
+    // Odd seeds hand chunk rows to the stream's apply; even seeds use the bulk path.
+    let bulk = if seed % 2 == 0 { "1" } else { "0" };
     let deadline = Instant::now() + Duration::from_secs(12);
     let mut kills = 0;
     while Instant::now() < deadline {
-        let mut child = spawn_run(&spec, &log);
+        let mut child = common::spawn_run_env(
+            &spec,
+            &log,
+            "shadowmig=debug",
+            &[("SHADOWMIG_BULK_COPY", bulk)],
+        );
         std::thread::sleep(Duration::from_millis(300 + next() % 1500));
         // SAFETY: killing our own child process.
         unsafe {
@@ -138,7 +145,13 @@ fn crash_run(seed: u64) {
         std::panic::resume_unwind(e);
     }
     assert!(kills >= 3);
-    eprintln!("seed {seed}: {kills} kills, {stats:?}");
+    let runs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        runs.contains("bulk path"),
+        bulk == "1",
+        "seed {seed}: the backfill did not take the expected path"
+    );
+    eprintln!("seed {seed} (bulk {bulk}): {kills} kills, {stats:?}");
     // Free the slot: many seeds share one cluster with a fixed number of slots.
     let out = shadowmig(&["abort", spec.to_str().unwrap()])
         .output()

@@ -349,6 +349,12 @@ async fn write_one(
     )
     .await
     .map_err(ApplyError::db("bulk fence lock"))?;
+    // No need to wait for the flush: a chunk lost in a crash loses its checkpoint with it (the
+    // range is copied again), and every later stream batch commits synchronously, which
+    // flushes the WAL — this commit record included — before the slot is confirmed.
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(ApplyError::db("bulk commit mode"))?;
     let upserted = write_chunk(&mut tx, target, &job.tuples).await?;
     // Commit in hand-in order: the checkpoint must never pass an uncommitted chunk.
     let mut rx = state.subscribe();
