@@ -750,7 +750,7 @@ impl Pacer {
     }
 
     /// The stream slowed down: back to waking on every byte.
-    fn to_idle(&mut self, shared: &Shared) {
+    fn go_idle(&mut self, shared: &Shared) {
         // If the mark cannot be lowered, stay busy: the timer keeps reads going.
         self.busy = !self.set_lowat(1, shared);
         self.window_bytes = 0;
@@ -780,7 +780,7 @@ async fn read_more<R: AsyncRead + Unpin>(
                     Some(r) => break r,
                     // Too little came for the mark: drop it (which signals what is waiting)
                     // and read again; if it could not be dropped, the timer stays on.
-                    None => p.to_idle(shared),
+                    None => p.go_idle(shared),
                 }
             }
             _ => break rd.read_buf(buf).await,
