@@ -37,7 +37,7 @@ const MAX_CAPACITY: usize = 1 << 24;
 /// Default [`StreamConfig::busy_low_water`]: see docs/DECISIONS.md (D19).
 const BUSY_LOWAT: usize = 32 * 1024;
 /// Default [`StreamConfig::busy_wait`].
-const BUSY_WAIT: Duration = Duration::from_millis(4);
+const BUSY_WAIT: Duration = Duration::from_millis(8);
 /// Seconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01 (UTC).
 const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
 
@@ -168,7 +168,7 @@ pub struct StreamConfig {
     pub busy_low_water: usize,
     /// While busy, the longest the reader waits for [`StreamConfig::busy_low_water`] bytes
     /// before it reads whatever is there (and the stream counts as idle again): the most a
-    /// message can wait in the socket. Default 4 ms.
+    /// message can wait in the socket. Default 8 ms.
     pub busy_wait: Duration,
 }
 
