@@ -846,7 +846,7 @@ async fn slow_consumer_keeps_queue_bounded_connection_alive_and_loses_nothing() 
 #[tokio::test]
 async fn busy_reader_paces_reads_and_still_delivers_the_tail_and_a_lone_change() {
     let (c, db) = testpg::fresh_db("pace").unwrap();
-    setup_schema(&c, &db);
+    setup_schema(c, &db);
     let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
     let slot = cl
         .create_logical_slot("pace", true, SnapshotAction::Nothing)
