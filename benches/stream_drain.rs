@@ -145,6 +145,7 @@ fn main() {
             libc::RUSAGE_SELF
         };
         let cpu0 = cpu_seconds(who);
+        let mut stats = None;
         let secs = if native {
             recvlogical(&c, &db, slot, end)
         } else {
@@ -160,13 +161,7 @@ fn main() {
                 .block_on(async move { tokio::spawn(drain(url, slot_name, end, cfg)).await })
                 .expect("drain task");
             assert_eq!(n, changes, "our stream counted every change");
-            println!(
-                "{:>14} {} reads, {:.0} bytes/read, {} low-water switches",
-                "",
-                st.reads,
-                st.bytes as f64 / st.reads.max(1) as f64,
-                st.lowat_switches
-            );
+            stats = Some(st);
             secs
         };
         let cpu = cpu_seconds(who) - cpu0;
@@ -179,6 +174,15 @@ fn main() {
                 Reader::Unpaced => "unpaced",
             }
         );
+        if let Some(st) = stats {
+            println!(
+                "{:>14} {} reads, {:.0} bytes/read, {} low-water switches",
+                "",
+                st.reads,
+                st.bytes as f64 / st.reads.max(1) as f64,
+                st.lowat_switches
+            );
+        }
         match reader {
             Reader::Native => theirs.push(rate),
             Reader::Ours => ours.push(rate),
