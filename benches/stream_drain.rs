@@ -35,7 +35,9 @@ fn main() {
     let half = (changes / 2).div_ceil(ROWS_PER_TX) * ROWS_PER_TX;
     let changes = half * 2;
 
-    let c = TestCluster::start(&ClusterConfig::default()).expect("start cluster");
+    // Up to 8 rounds of up to 6 slots, all created before the changes.
+    let c = TestCluster::start(&ClusterConfig::default().setting("max_replication_slots", "64"))
+        .expect("start cluster");
     let db = c.create_database("stream_drain").expect("create database");
     c.psql(
         &db,
