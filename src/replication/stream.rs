@@ -4,9 +4,12 @@
 //! `XLogData` and primary keepalives into [`ReplicationEvent`]s on a bounded channel (a full
 //! channel stops the reader, which stops reading the socket: TCP backpressure), and a writer
 //! that sends standby status updates on an interval, at once when the server asks, and when the
-//! caller asks. It must never report as flushed an LSN the caller did not confirm, except by the
-//! idle rule documented on [`LogicalStream`], and it must never decode pgoutput beyond a
-//! payload's first byte and a commit's end LSN.
+//! caller asks. While the stream is busy, the reader of a TCP socket raises the socket's receive
+//! low-water mark so that the kernel wakes it once per [`StreamConfig::busy_low_water`] bytes, not
+//! once per message (docs/DECISIONS.md D19); it must never let a message wait in the socket
+//! much longer than [`StreamConfig::busy_wait`]. It must never report as flushed an LSN the
+//! caller did not confirm, except by the idle rule documented on [`LogicalStream`], and it must
+//! never decode pgoutput beyond a payload's first byte and a commit's end LSN.
 
 use std::collections::HashSet;
 use std::os::fd::RawFd;
