@@ -146,7 +146,7 @@ fn main() {
         } else {
             libc::RUSAGE_SELF
         };
-        let cpu0 = cpu_seconds(who);
+        let (cpu0, csw0) = usage(who);
         let mut stats = None;
         let secs = if native {
             recvlogical(&c, &db, slot, end)
@@ -166,10 +166,11 @@ fn main() {
             stats = Some(st);
             secs
         };
-        let cpu = cpu_seconds(who) - cpu0;
+        let (cpu1, csw1) = usage(who);
+        let (cpu, csw) = (cpu1 - cpu0, csw1 - csw0);
         let rate = changes as f64 / secs;
         println!(
-            "{:>14} slot {slot}: {secs:.2} s, {rate:.0} changes/s, client CPU {cpu:.2} s",
+            "{:>14} slot {slot}: {secs:.2} s, {rate:.0} changes/s, client CPU {cpu:.2} s, {csw} voluntary context switches",
             match reader {
                 Reader::Native => "pg_recvlogical",
                 Reader::Ours => "LogicalStream",
@@ -225,15 +226,16 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// User + system CPU seconds of this process (`RUSAGE_SELF`) or its waited-for children.
-fn cpu_seconds(who: libc::c_int) -> f64 {
+/// User + system CPU seconds and voluntary context switches (the client's sleeps, i.e. its
+/// wake-ups) of this process (`RUSAGE_SELF`, all threads) or its waited-for children.
+fn usage(who: libc::c_int) -> (f64, i64) {
     // SAFETY: getrusage writes into the struct we pass; nothing else is shared.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(who, &mut ru) } != 0 {
-        return f64::NAN;
+        return (f64::NAN, 0);
     }
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
+    (t(ru.ru_utime) + t(ru.ru_stime), ru.ru_nvcsw)
 }
 
 /// Runs pg_recvlogical to `end`, writing to /dev/null; returns seconds.

@@ -1107,6 +1107,62 @@ mod tests {
         assert_eq!(p.must_confirm, 131);
     }
 
+    fn rcvlowat(fd: RawFd) -> libc::c_int {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        v
+    }
+
+    #[test]
+    fn pacer_turns_busy_only_on_fast_data_and_back_to_idle() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = sock.as_raw_fd();
+        let shared = Shared::default();
+        assert_eq!(rcvlowat(fd), 1);
+
+        // Slow data: the window holds the mark's worth of bytes, but over more than `wait`.
+        let mut p = Pacer::new(fd, 4096, Duration::from_millis(20));
+        p.after_read(3000, &shared);
+        std::thread::sleep(Duration::from_millis(40));
+        p.after_read(3000, &shared);
+        assert!(!p.busy);
+        assert_eq!(rcvlowat(fd), 1);
+
+        // Fast data: busy, with the mark set on the socket.
+        p.after_read(2000, &shared);
+        assert!(!p.busy, "half the mark is not enough");
+        p.after_read(2096, &shared);
+        assert!(p.busy);
+        assert_eq!(rcvlowat(fd), 4096);
+        // Busy reads do not touch the mark.
+        p.after_read(100, &shared);
+        assert_eq!(rcvlowat(fd), 4096);
+
+        p.go_idle(&shared);
+        assert!(!p.busy);
+        assert_eq!(rcvlowat(fd), 1);
+        assert_eq!(shared.lowat_switches.load(Ordering::Relaxed), 2);
+
+        // A bad descriptor: pacing just stays off, no panic.
+        let mut bad = Pacer::new(-1, 4096, Duration::from_secs(1));
+        bad.after_read(8192, &shared);
+        assert!(!bad.busy);
+        assert_eq!(shared.lowat_switches.load(Ordering::Relaxed), 2);
+    }
+
     #[test]
     fn options_are_quoted() {
         let o = PgOutputOptions::new(2)
