@@ -283,7 +283,7 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
             .collect(),
         key,
     };
-    let transformed = transformed_source(&copy_source, &apply_target, &target_cols, tgt).await;
+    let transformed = transformed_source(&copy_source, &apply_target, &target_cols, src, tgt).await;
     Ok(Prepared {
         source_oid,
         source_columns,
@@ -301,6 +301,7 @@ async fn transformed_source(
     copy_source: &CopySource,
     target: &ApplyTarget,
     target_cols: &[catalog::Column],
+    src: &Client,
     tgt: &Client,
 ) -> Option<TransformedSource> {
     if std::env::var("SHADOWMIG_BULK_COPY").is_ok_and(|v| v == "0") {
@@ -317,17 +318,48 @@ async fn transformed_source(
         }
         select.push(format!("CAST(({}) AS {})", tc.expr, col.type_name));
     }
-    let time_zone = match tgt
-        .query_one("SELECT current_setting('TimeZone')", &[])
+    // The settings an expression's result can depend on, as the target's sessions have them.
+    let settings: Vec<(String, String)> = match tgt
+        .query(
+            "SELECT name, setting FROM pg_settings WHERE name IN \
+             ('TimeZone', 'DateStyle', 'IntervalStyle', 'extra_float_digits', 'bytea_output')",
+            &[],
+        )
         .await
     {
-        Ok(r) => r.try_get::<_, String>(0).ok(),
-        Err(_) => None,
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+            .collect(),
+        Err(e) => {
+            tracing::info!("backfill: cannot read the target's session settings ({e}); chunks go through apply");
+            return None;
+        }
     };
+    // The source must accept them (a time zone name unknown there would fail every chunk).
+    let probe: Vec<String> = settings
+        .iter()
+        .map(|(n, v)| {
+            format!(
+                "SELECT set_config({}, {}, true)",
+                quote_literal(n),
+                quote_literal(v)
+            )
+        })
+        .collect();
+    let probe = format!("BEGIN; {}; ROLLBACK", probe.join("; "));
+    if let Err(e) = src.batch_execute(&probe).await {
+        let _ = src.batch_execute("ROLLBACK").await;
+        tracing::info!(
+            "backfill: the source refuses the target's session settings ({}); chunks go through apply",
+            catalog::db_message(&e)
+        );
+        return None;
+    }
     Some(TransformedSource {
         source: copy_source.clone(),
         select,
-        time_zone,
+        settings,
     })
 }
 

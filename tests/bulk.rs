@@ -90,7 +90,7 @@ fn reader() -> TransformedSource {
             "CAST((note) AS text)".into(),
             "CAST(((ts AT TIME ZONE 'UTC')::date) AS date)".into(),
         ],
-        time_zone: Some("UTC".into()),
+        settings: vec![("TimeZone".into(), "UTC".into())],
     }
 }
 

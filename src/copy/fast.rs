@@ -27,9 +27,10 @@ pub struct TransformedSource {
     /// One SQL expression per target column written, over the source's column names, already
     /// cast to the target column's type (`CAST((expr) AS type)`).
     pub select: Vec<String>,
-    /// The session time zone to evaluate the expressions in: the target's, where the stream's
-    /// changes are transformed, so that both paths compute the same values.
-    pub time_zone: Option<String>,
+    /// Session settings to evaluate the expressions under (name, value): the target's, where
+    /// the stream's changes are transformed, so that both paths compute the same values
+    /// (`TimeZone` for `timestamptz` to `date`, `DateStyle` for `::text`, …).
+    pub settings: Vec<(String, String)>,
 }
 
 /// One chunk in the target's shape.
@@ -101,10 +102,10 @@ impl TransformedSource {
             src.push_key(&mut params, k)?;
         }
         let (tx, snapshot) = chunk_transaction(client).await?;
-        if let Some(tz) = &self.time_zone {
-            tx.execute("SELECT set_config('TimeZone', $1, true)", &[tz])
+        for (name, value) in &self.settings {
+            tx.execute("SELECT set_config($1, $2, true)", &[name, value])
                 .await
-                .map_err(q("setting the chunk's time zone"))?;
+                .map_err(q("applying the target's session settings"))?;
         }
         let stmt = tx
             .prepare(&sql)
