@@ -363,6 +363,18 @@ async fn transformed_source(
     })
 }
 
+/// Tries to take the session advisory lock named `key` (hashed) without waiting.
+async fn try_lock(tgt: &Client, key: &str, what: &str) -> Result<bool, RunError> {
+    Ok(tgt
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .await
+        .map_err(|e| pg_err(what, e))?
+        .get(0))
+}
+
 /// Starts the bulk writers (one target connection per copy worker), after waiting out any
 /// chunk transaction an earlier, killed process may still be committing: each holds the
 /// migration's bulk fence in shared mode until it ends.
@@ -375,15 +387,7 @@ async fn start_bulk(
     let fence = format!("shadowmig-bulk:{}", spec.name);
     let started = Instant::now();
     loop {
-        let got: bool = tgt
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                &[&fence],
-            )
-            .await
-            .map_err(|e| pg_err("taking the bulk fence", e))?
-            .get(0);
-        if got {
+        if try_lock(tgt, &fence, "taking the bulk fence").await? {
             tgt.execute(
                 "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
                 &[&fence],
@@ -444,15 +448,7 @@ async fn take_writer_lock(
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(60));
     loop {
-        let got: bool = tgt
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                &[&key],
-            )
-            .await
-            .map_err(|e| pg_err("taking the migration's writer lock", e))?
-            .get(0);
-        if got {
+        if try_lock(tgt, &key, "taking the migration's writer lock").await? {
             return Ok(());
         }
         if *shutdown.borrow() {

@@ -106,6 +106,24 @@ pub(crate) fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> 
     move |source| CopyError::Query { context, source }
 }
 
+/// Runs a chunk's query in its transaction, rows streamed as they come.
+pub(crate) async fn chunk_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[Box<dyn ToSql + Sync + Send>],
+) -> Result<tokio_postgres::RowStream, CopyError> {
+    let stmt = tx
+        .prepare(sql)
+        .await
+        .map_err(q("preparing the chunk query"))?;
+    tx.query_raw(
+        &stmt,
+        params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
+    )
+    .await
+    .map_err(q("reading a chunk"))
+}
+
 /// Starts the read-only REPEATABLE READ transaction one chunk is read in, and returns it
 /// with its snapshot (the watermark logic needs it).
 pub(crate) async fn chunk_transaction(
@@ -274,17 +292,7 @@ impl CopySource {
         params: Vec<Box<dyn ToSql + Sync + Send>>,
     ) -> Result<Chunk, CopyError> {
         let (tx, snapshot) = chunk_transaction(client).await?;
-        let stmt = tx
-            .prepare(sql)
-            .await
-            .map_err(q("preparing the chunk query"))?;
-        let stream = tx
-            .query_raw(
-                &stmt,
-                params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
-            )
-            .await
-            .map_err(q("reading a chunk"))?;
+        let stream = chunk_rows(&tx, sql, &params).await?;
         pin_mut!(stream);
         let ncols = self.columns.len();
         let mut rows = Vec::new();

@@ -16,7 +16,7 @@ use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
-use super::chunk::{chunk_transaction, q, CopyError, CopySource, KeyValue, Snapshot};
+use super::chunk::{chunk_rows, chunk_transaction, q, CopyError, CopySource, KeyValue, Snapshot};
 use crate::raw::RawRef;
 
 /// How to read chunks in the target's shape.
@@ -107,17 +107,7 @@ impl TransformedSource {
                 .await
                 .map_err(q("applying the target's session settings"))?;
         }
-        let stmt = tx
-            .prepare(&sql)
-            .await
-            .map_err(q("preparing the chunk query"))?;
-        let stream = tx
-            .query_raw(
-                &stmt,
-                params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
-            )
-            .await
-            .map_err(q("reading a chunk"))?;
+        let stream = chunk_rows(&tx, &sql, &params).await?;
         pin_mut!(stream);
         let ncols = self.select.len();
         let nkey = src.key.len();
