@@ -902,6 +902,8 @@ impl Applier<'_> {
         lsn: Lsn,
         part: usize,
     ) -> Result<(), RunError> {
+        // Chunks handed in before this transaction must be in first (see `flush`).
+        self.settle().await?;
         let total = spill.len() + rest.len() as u64;
         tracing::info!(
             changes = total,
@@ -1436,6 +1438,13 @@ async fn run_once(
                                         );
                                     }
                                     continue;
+                                }
+                                if chunk.target_rows.is_some() {
+                                    // Read for the bulk path, which is not running: its rows
+                                    // are not in `chunk.rows`, so applying it here would lose them.
+                                    return Err(RunError::Fatal(
+                                        "internal: a bulk chunk without bulk writers".into(),
+                                    ));
                                 }
                                 let lsn = ap.batch_lsn.unwrap_or(last_end);
                                 let mut n = 0i64;
