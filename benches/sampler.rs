@@ -47,7 +47,13 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn write_spec(dir: &Path, name: &str, url: &str, sampler_on: bool, metrics_port: u16) -> String {
+/// Where the bench's migrations read and write.
+struct Urls {
+    source: String,
+    target: String,
+}
+
+fn write_spec(dir: &Path, name: &str, urls: &Urls, sampler_on: bool, metrics_port: u16) -> String {
     let verify = if sampler_on {
         String::new()
     } else {
@@ -57,16 +63,19 @@ fn write_spec(dir: &Path, name: &str, url: &str, sampler_on: bool, metrics_port:
     let spec = format!(
         r#"name = "{name}"
 [source]
-url = "{url}"
+url = "{source}"
 table = "public.bench"
 [target]
+url = "{target}"
 table = "public.{table}"
 create = "CREATE TABLE public.{table} (grp int NOT NULL, id bigint NOT NULL, v bigint NOT NULL, pad text, PRIMARY KEY (grp, id))"
 [transform]
 v = "v::bigint"
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
-{verify}"#
+{verify}"#,
+        source = urls.source,
+        target = urls.target,
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, spec).expect("write spec");
@@ -82,23 +91,62 @@ fn children_cpu() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// User + system CPU seconds of a running process, from `/proc/PID/stat`.
-fn process_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    // Fields 14 and 15 of stat (utime, stime); `after` starts at field 3.
-    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / tick
+/// Fields 3… of `/proc/PID/stat` as numbers (non-numbers as 0), if the process exists.
+fn stat_fields(pid: u32) -> Option<Vec<f64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(") ").map(|(_, r)| r)?;
+    Some(
+        after
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect(),
+    )
 }
 
-/// Runs `run --exit-when-caught-up`; its wall time and CPU time in seconds.
-fn drain(spec: &str, log: &Path) -> (f64, f64) {
+fn clock_tick() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// User + system CPU seconds of a running process, from `/proc/PID/stat`.
+fn process_cpu(pid: u32) -> f64 {
+    let f = stat_fields(pid).unwrap_or_default();
+    // Fields 14 and 15 of stat (utime, stime); the vector starts at field 3.
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / clock_tick()
+}
+
+/// CPU seconds the whole PostgreSQL cluster has used so far: the postmaster's own and its
+/// reaped children's (`cutime`, `cstime`: backends that have exited), plus every live child's.
+/// (Summed over the source and the target cluster.)
+fn cluster_cpu(postmasters: &[u32]) -> f64 {
+    let tick = clock_tick();
+    let mut total = 0.0;
+    for &pm in postmasters {
+        let f = stat_fields(pm).unwrap_or_default();
+        total += f.iter().skip(11).take(4).sum::<f64>() / tick;
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(f) = stat_fields(pid) {
+            // Field 4 (ppid) is the vector's second element.
+            if postmasters
+                .iter()
+                .any(|&pm| f.get(1).copied() == Some(f64::from(pm)))
+            {
+                total += (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / tick;
+            }
+        }
+    }
+    total
+}
+
+/// Runs `run --exit-when-caught-up`; its wall time, its CPU time and the cluster's CPU time
+/// (the server side of apply and of the sampler's queries), in seconds.
+fn drain(spec: &str, log: &Path, postmasters: &[u32]) -> (f64, f64, f64) {
     let f = std::fs::File::create(log).expect("log file");
+    let pg0 = cluster_cpu(postmasters);
     let cpu0 = children_cpu();
     let t = Instant::now();
     let status = Command::new(env!("CARGO_BIN_EXE_shadowmig"))
@@ -110,12 +158,15 @@ fn drain(spec: &str, log: &Path) -> (f64, f64) {
         .expect("run shadowmig");
     let secs = t.elapsed().as_secs_f64();
     let cpu = children_cpu() - cpu0;
+    // Let the postmaster reap the run's backends, so their CPU shows in its cutime.
+    std::thread::sleep(Duration::from_millis(500));
+    let pg = cluster_cpu(postmasters) - pg0;
     assert!(
         status.success(),
         "run failed: {}",
         std::fs::read_to_string(log).unwrap_or_default()
     );
-    (secs, cpu)
+    (secs, cpu, pg)
 }
 
 /// `GET /metrics` on 127.0.0.1:`port`, parsed into `name{labels}` → value.
@@ -174,7 +225,15 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-fn backlog_drains(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(String, bool)]) {
+fn backlog_drains(
+    c: &TestCluster,
+    db: &str,
+    (tc, tdb): (&TestCluster, &str),
+    dir: &Path,
+    rows: u64,
+    specs: &[(String, bool)],
+    postmasters: &[u32],
+) {
     let changes = env_u64("SAMPLER_BENCH_CHANGES", 300_000).div_ceil(ROWS_PER_TX) * ROWS_PER_TX;
     let t = Instant::now();
     c.psql(
@@ -195,28 +254,29 @@ fn backlog_drains(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(St
         "generated {changes} changes in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    // (changes/s, CPU ms per 1,000 changes) per drain, by mode.
+    // (mode, changes/s, shadowmig + cluster CPU ms per 1,000 changes) per drain.
     let mut results: Vec<(bool, f64, f64)> = Vec::new();
     for (i, (spec, sampler_on)) in specs.iter().enumerate() {
         let log = dir.join(format!("drain_{i}.log"));
-        let (secs, cpu) = drain(spec, &log);
+        let (secs, cpu, pg) = drain(spec, &log, postmasters);
         let rate = changes as f64 / secs;
         let cpu_per_k = cpu * 1e6 / changes as f64;
+        let pg_per_k = pg * 1e6 / changes as f64;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let name = Path::new(spec)
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("?")
             .to_string();
-        let checked = c
+        let checked = tc
             .psql(
-                db,
+                tdb,
                 &format!("SELECT coalesce((SELECT checked FROM shadowmig.sampler_counters WHERE migration = '{name}'), 0)"),
             )
             .unwrap_or_default();
         println!(
-            "drain {i} sampler {} (keys checked so far: {}): {secs:.2} s, {rate:.0} changes/s, \
-             shadowmig CPU {cpu:.2} s ({cpu_per_k:.1} ms per 1,000 changes){}",
+            "drain {i} sampler {} (keys checked so far: {}): {secs:.2} s, {rate:.0} changes/s; \
+             CPU per 1,000 changes: shadowmig {cpu_per_k:.2} ms, PostgreSQL {pg_per_k:.2} ms{}",
             if *sampler_on { "on " } else { "off" },
             checked.trim(),
             if text.contains("live verification: mismatch") {
@@ -225,7 +285,7 @@ fn backlog_drains(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(St
                 ""
             }
         );
-        results.push((*sampler_on, rate, cpu_per_k));
+        results.push((*sampler_on, rate, cpu_per_k + pg_per_k));
     }
     let ratios: Vec<f64> = results
         .chunks(2)
@@ -248,7 +308,7 @@ fn backlog_drains(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(St
     println!(
         "drain: mean changes/s off {:.0}, on (default) {:.0}; per-pair ratios on/off {:?}; \
          mean ratio {:.3} (spread {:.3}…{:.3}); ratio of means {:.3}; \
-         CPU ms per 1,000 changes off {:.1}, on {:.1} (ratio {:.3})",
+         CPU (shadowmig + PostgreSQL) ms per 1,000 changes off {:.2}, on {:.2} (ratio {:.3})",
         mean(&off),
         mean(&on),
         ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>(),
@@ -285,7 +345,14 @@ fn wait_for_log(log: &Path, needle: &str, child: &mut Child, timeout: Duration) 
     false
 }
 
-fn steady_state(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(String, bool, u16)]) {
+fn steady_state(
+    c: &TestCluster,
+    db: &str,
+    dir: &Path,
+    rows: u64,
+    specs: &[(String, bool, u16)],
+    postmasters: &[u32],
+) {
     let secs = env_u64("SAMPLER_BENCH_STEADY_SECS", 30);
     let rate = env_u64("SAMPLER_BENCH_RATE", 5_000).max(STEADY_ROWS_PER_TX);
     let script = dir.join("steady.sql");
@@ -341,11 +408,17 @@ fn steady_state(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(Stri
         let caught_up = wait_for_log(&log, "to=caught-up", &mut child, Duration::from_secs(120));
         let to_catch_up = t.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(2));
-        let (m0, cpu0, t0) = (scrape(*port), process_cpu(child.id()), Instant::now());
-        std::thread::sleep(Duration::from_secs(secs));
-        let (m1, cpu1, el) = (
+        let (m0, cpu0, pg0, t0) = (
             scrape(*port),
             process_cpu(child.id()),
+            cluster_cpu(postmasters),
+            Instant::now(),
+        );
+        std::thread::sleep(Duration::from_secs(secs));
+        let (m1, cpu1, pg1, el) = (
+            scrape(*port),
+            process_cpu(child.id()),
+            cluster_cpu(postmasters),
             t0.elapsed().as_secs_f64(),
         );
         // SAFETY: signalling our own child.
@@ -360,8 +433,8 @@ fn steady_state(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(Stri
         println!(
             "steady {i} sampler {}: {} after {to_catch_up:.1} s; {:.0} changes/s applied; \
              batch lag mean {:.3} s, p50 {}, p99 {} ({lag_n:.0} batches); apply busy {:.1} ms \
-             per 1,000 changes ({:.1} % of the window); shadowmig CPU {:.1} ms per 1,000 \
-             changes; sampler checked {checked:.0} keys",
+             per 1,000 changes ({:.1} % of the window); CPU per 1,000 changes: shadowmig {:.1} \
+             ms, PostgreSQL (pgbench's writes included) {:.1} ms; sampler checked {checked:.0} keys",
             if *sampler_on { "on " } else { "off" },
             if caught_up {
                 "caught up"
@@ -375,6 +448,7 @@ fn steady_state(c: &TestCluster, db: &str, dir: &Path, rows: u64, specs: &[(Stri
             per_k(busy),
             busy * 100.0 / el,
             per_k(cpu1 - cpu0),
+            per_k(pg1 - pg0),
         );
     }
     let _ = pgbench.kill();
@@ -399,7 +473,17 @@ fn main() {
     .expect("source");
     c.psql(&db, "VACUUM ANALYZE public.bench").expect("vacuum");
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = c.url(&db);
+    // The shadow tables live in a second cluster, as on a separate server: in the source's
+    // cluster, each drain's writes would be WAL that every later drain's slot must decode too,
+    // and drains would slow down one after the other whatever their mode.
+    let tc = TestCluster::start(&ClusterConfig::default()).expect("start target cluster");
+    let tdb = tc
+        .create_database("sampler_target")
+        .expect("create target database");
+    let url = Urls {
+        source: c.url(&db),
+        target: tc.url(&tdb),
+    };
     // Alternate which mode drains first in each pair: off on, on off, off on, …
     let drains: Vec<(String, bool)> = (0..pairs)
         .flat_map(|p| {
@@ -432,11 +516,20 @@ fn main() {
         .map(|(s, _)| s)
         .chain(steady.iter().take(2).map(|(s, _, _)| s))
         .collect();
+    let postmasters = [
+        c.pid().expect("postmaster pid") as u32,
+        tc.pid().expect("postmaster pid") as u32,
+    ];
+    let postmasters = &postmasters[..];
     for (i, spec) in backfills.iter().enumerate() {
-        let (secs, _) = drain(spec, &dir.path().join(format!("backfill_{i}.log")));
+        let (secs, _, _) = drain(
+            spec,
+            &dir.path().join(format!("backfill_{i}.log")),
+            postmasters,
+        );
         println!("backfill {i}: {rows} rows in {secs:.1} s");
     }
-    backlog_drains(&c, &db, dir.path(), rows, &drains);
+    backlog_drains(&c, &db, (&tc, &tdb), dir.path(), rows, &drains, postmasters);
     // The drained migrations' slots would hold the steady phase's WAL: drop them.
     for (spec, _) in &drains {
         let _ = Command::new(env!("CARGO_BIN_EXE_shadowmig"))
@@ -446,6 +539,6 @@ fn main() {
             .status();
     }
     if !steady.is_empty() {
-        steady_state(&c, &db, dir.path(), rows, &steady);
+        steady_state(&c, &db, dir.path(), rows, &steady, postmasters);
     }
 }

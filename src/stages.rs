@@ -84,7 +84,7 @@ impl Scope {
 pub fn log_change(scope: Scope, migration: &str, from: &str, to: &str) {
     // Display, not Debug: human lines read `from=backfill to=streaming`, unquoted.
     tracing::info!(
-        scope = scope.as_str(),
+        scope = %scope.as_str(),
         migration = %migration,
         from = %from,
         to = %to,

@@ -723,6 +723,16 @@ fn prometheus_metrics_report_copy_and_apply() {
         "{body}"
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
+    // Human log lines carry the stage fields as plain `key=value`, no colour codes in a file.
+    let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    for line in [
+        "stage changed scope=run migration=metrics_mig from=none to=setting-up",
+        "stage changed scope=run migration=metrics_mig from=setting-up to=backfill",
+    ] {
+        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
+    }
+    assert!(log.contains(" to=stopped"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log}");
 }
 
 /// The `stage changed` lines of a JSON log: (scope, from, to) in order.
