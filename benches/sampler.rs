@@ -458,8 +458,19 @@ fn steady_state(
 fn main() {
     let rows = env_u64("SAMPLER_BENCH_ROWS", 100_000);
     let pairs = env_u64("SAMPLER_BENCH_PAIRS", 2).max(1);
-    let c = TestCluster::start(&ClusterConfig::default().setting("max_replication_slots", "20"))
-        .expect("start cluster");
+    // SAMPLER_BENCH_PGSS=1: pg_stat_statements in both clusters, the top statements printed
+    // after the steady phase (to see what the sampler's queries cost the servers).
+    let pgss = env_u64("SAMPLER_BENCH_PGSS", 0) > 0;
+    let config = || {
+        let c = ClusterConfig::default().setting("max_replication_slots", "20");
+        if pgss {
+            c.setting("shared_preload_libraries", "pg_stat_statements")
+                .setting("pg_stat_statements.track_planning", "on")
+        } else {
+            c
+        }
+    };
+    let c = TestCluster::start(&config()).expect("start cluster");
     let db = c.create_database("sampler_bench").expect("create database");
     c.psql(
         &db,
@@ -476,10 +487,16 @@ fn main() {
     // The shadow tables live in a second cluster, as on a separate server: in the source's
     // cluster, each drain's writes would be WAL that every later drain's slot must decode too,
     // and drains would slow down one after the other whatever their mode.
-    let tc = TestCluster::start(&ClusterConfig::default()).expect("start target cluster");
+    let tc = TestCluster::start(&config()).expect("start target cluster");
     let tdb = tc
         .create_database("sampler_target")
         .expect("create target database");
+    if pgss {
+        c.psql(&db, "CREATE EXTENSION pg_stat_statements")
+            .expect("pgss");
+        tc.psql(&tdb, "CREATE EXTENSION pg_stat_statements")
+            .expect("pgss");
+    }
     let url = Urls {
         source: c.url(&db),
         target: tc.url(&tdb),
@@ -539,6 +556,26 @@ fn main() {
             .status();
     }
     if !steady.is_empty() {
+        if pgss {
+            c.psql(&db, "SELECT pg_stat_statements_reset()")
+                .expect("pgss");
+            tc.psql(&tdb, "SELECT pg_stat_statements_reset()")
+                .expect("pgss");
+        }
         steady_state(&c, &db, dir.path(), rows, &steady, postmasters);
+        if pgss {
+            for (name, cl, d) in [("source", &c, &db), ("target", &tc, &tdb)] {
+                println!("top statements on the {name} cluster (ms exec + plan, calls):");
+                println!(
+                    "{}",
+                    cl.psql(
+                        d,
+                        "SELECT round((total_exec_time + total_plan_time)::numeric, 1) || ' ms, ' || calls || ' calls: ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 160) \
+                         FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 12"
+                    )
+                    .unwrap_or_default()
+                );
+            }
+        }
     }
 }
