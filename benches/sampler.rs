@@ -221,6 +221,16 @@ fn quantile(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>, hist: &str, q:
         .unwrap_or_else(|| "n/a".into())
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -307,12 +317,13 @@ fn backlog_drains(
     let max = ratios.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     println!(
         "drain: mean changes/s off {:.0}, on (default) {:.0}; per-pair ratios on/off {:?}; \
-         mean ratio {:.3} (spread {:.3}…{:.3}); ratio of means {:.3}; \
+         mean ratio {:.3}, median {:.3} (spread {:.3}…{:.3}); ratio of means {:.3}; \
          CPU (shadowmig + PostgreSQL) ms per 1,000 changes off {:.2}, on {:.2} (ratio {:.3})",
         mean(&off),
         mean(&on),
         ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>(),
         mean(&ratios),
+        median(&ratios),
         min,
         max,
         mean(&on) / mean(&off),
