@@ -557,7 +557,32 @@ fn main() {
         );
         println!("backfill {i}: {rows} rows in {secs:.1} s");
     }
+    let statements = |phase: &str| {
+        if !pgss {
+            return;
+        }
+        for (name, cl, d) in [("source", &c, &db), ("target", &tc, &tdb)] {
+            println!(
+                "top statements on the {name} cluster during the {phase} (ms exec + plan, calls):"
+            );
+            println!(
+                "{}",
+                cl.psql(
+                    d,
+                    "SELECT round((total_exec_time + total_plan_time)::numeric, 1) || ' ms, ' || calls || ' calls: ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 160) \
+                     FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 12"
+                )
+                .unwrap_or_default()
+            );
+            let _ = cl.psql(d, "SELECT pg_stat_statements_reset()");
+        }
+    };
+    if pgss {
+        let _ = c.psql(&db, "SELECT pg_stat_statements_reset()");
+        let _ = tc.psql(&tdb, "SELECT pg_stat_statements_reset()");
+    }
     backlog_drains(&c, &db, (&tc, &tdb), dir.path(), rows, &drains, postmasters);
+    statements("drains");
     // The drained migrations' slots would hold the steady phase's WAL: drop them.
     for (spec, _) in &drains {
         let _ = Command::new(env!("CARGO_BIN_EXE_shadowmig"))
@@ -567,26 +592,7 @@ fn main() {
             .status();
     }
     if !steady.is_empty() {
-        if pgss {
-            c.psql(&db, "SELECT pg_stat_statements_reset()")
-                .expect("pgss");
-            tc.psql(&tdb, "SELECT pg_stat_statements_reset()")
-                .expect("pgss");
-        }
         steady_state(&c, &db, dir.path(), rows, &steady, postmasters);
-        if pgss {
-            for (name, cl, d) in [("source", &c, &db), ("target", &tc, &tdb)] {
-                println!("top statements on the {name} cluster (ms exec + plan, calls):");
-                println!(
-                    "{}",
-                    cl.psql(
-                        d,
-                        "SELECT round((total_exec_time + total_plan_time)::numeric, 1) || ' ms, ' || calls || ' calls: ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 160) \
-                         FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 12"
-                    )
-                    .unwrap_or_default()
-                );
-            }
-        }
+        statements("steady state");
     }
 }
