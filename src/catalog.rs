@@ -37,6 +37,25 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     }
 }
 
+/// Whether an error means the connection is gone (closed, an I/O failure, or the server
+/// terminating the session: SQLSTATE class 57P), so that reconnecting may succeed.
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed()
+        || e.as_db_error()
+            .is_some_and(|d| d.code().code().starts_with("57P"))
+    {
+        return true;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 /// The server's own message for an error (`ERROR: …` text, with detail and hint when there are
 /// any), or the client-side description.
 pub fn db_message(e: &tokio_postgres::Error) -> String {

@@ -48,3 +48,18 @@ impl<'a> FromSql<'a> for RawValue {
         true
     }
 }
+
+/// A result column borrowed as its raw binary bytes, without copying (use
+/// `Option<RawRef>` for nullable columns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawRef<'a>(pub &'a [u8]);
+
+impl<'a> FromSql<'a> for RawRef<'a> {
+    fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn Error + Sync + Send>> {
+        Ok(RawRef(raw))
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+}

@@ -18,11 +18,15 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_postgres::Client;
 
+use crate::apply::bulk::{BulkPool, BulkTarget};
 use crate::apply::{
     ApplyTarget, ApplyWriter, Change, ProgressKey, SourceChange, SourceColumn, TargetColumn,
 };
 use crate::catalog::{self, ReplicaIdentity};
-use crate::copy::{emit_watermark, CopySource, HighOutcome, KeyValue, Snapshot, WatermarkTracker};
+use crate::copy::{
+    emit_watermark, CopySource, HighOutcome, KeyValue, Snapshot, TargetRows, TransformedSource,
+    WatermarkTracker,
+};
 use crate::lsn::Lsn;
 use crate::pgoutput::{Decoder, LogicalMessage, PgTimestamp, RelationBody, TupleData, TupleValue};
 use crate::replication::{
@@ -100,27 +104,11 @@ impl RunError {
 
 /// Maps a target-database error: a broken connection is retryable, the rest is fatal.
 fn pg_err(what: &str, e: tokio_postgres::Error) -> RunError {
-    if e.is_closed()
-        || e.as_db_error()
-            .map(|d| d.code().code().starts_with("57P"))
-            .unwrap_or(false)
-        || io_cause(&e)
-    {
+    if catalog::connection_lost(&e) {
         RunError::Connection(format!("{what}: {}", catalog::db_message(&e)))
     } else {
         RunError::Fatal(format!("{what}: {}", catalog::db_message(&e)))
     }
-}
-
-fn io_cause(e: &tokio_postgres::Error) -> bool {
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        if s.is::<std::io::Error>() {
-            return true;
-        }
-        src = s.source();
-    }
-    false
 }
 
 fn repl_err(what: &str, e: ReplicationError) -> RunError {
@@ -141,6 +129,13 @@ fn apply_err(what: &str, e: crate::apply::ApplyError) -> RunError {
         crate::apply::ApplyError::Db { source, during } => {
             pg_err(&format!("{what} ({during})"), source)
         }
+        crate::apply::ApplyError::State(state::StateError::Db { source, during }) => {
+            pg_err(&format!("{what} ({during})"), source)
+        }
+        crate::apply::ApplyError::Bulk {
+            message,
+            connection_lost: true,
+        } => RunError::Connection(format!("{what}: {message}")),
         other => RunError::Fatal(format!("{what}: {other}")),
     }
 }
@@ -172,6 +167,10 @@ pub struct Prepared {
     pub apply_target: ApplyTarget,
     /// What the backfill reads; its key is the identity the stream matches rows by.
     pub copy_source: CopySource,
+    /// The backfill's bulk path, when it applies: chunks read in the target's shape and
+    /// written with plain binary COPY on several connections (D19). `None` falls back to
+    /// handing chunk rows to the stream's apply.
+    pub transformed: Option<TransformedSource>,
 }
 
 /// Derives the apply target and the copy source from the catalogs of both databases.
@@ -285,12 +284,149 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
             .collect(),
         key,
     };
+    let transformed = transformed_source(&copy_source, &apply_target, &target_cols, src, tgt).await;
     Ok(Prepared {
         source_oid,
         source_columns,
         apply_target,
         copy_source,
+        transformed,
     })
+}
+
+/// The bulk path's reader, when every written target column has a built-in type: binary
+/// values of those are the same in any database, while a user-defined type's oid (which
+/// binary arrays and records carry) differs between source and target.
+/// `SHADOWMIG_BULK_COPY=0` turns the bulk path off (for diagnosis and tests).
+async fn transformed_source(
+    copy_source: &CopySource,
+    target: &ApplyTarget,
+    target_cols: &[catalog::Column],
+    src: &Client,
+    tgt: &Client,
+) -> Option<TransformedSource> {
+    if std::env::var("SHADOWMIG_BULK_COPY").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    // The first oid of objects created after initdb (FirstNormalObjectId).
+    const FIRST_USER_OID: u32 = 16384;
+    let mut select = Vec::with_capacity(target.target_columns.len());
+    for tc in &target.target_columns {
+        let col = target_cols.iter().find(|c| c.name == tc.name)?;
+        if col.type_oid >= FIRST_USER_OID {
+            tracing::info!(column = %tc.name, r#type = %col.type_name, "backfill: a user-defined target column type; chunks go through apply");
+            return None;
+        }
+        select.push(format!("CAST(({}) AS {})", tc.expr, col.type_name));
+    }
+    // The settings an expression's result can depend on, as the target's sessions have them.
+    let settings: Vec<(String, String)> = match tgt
+        .query(
+            "SELECT name, setting FROM pg_settings WHERE name IN \
+             ('TimeZone', 'DateStyle', 'IntervalStyle', 'extra_float_digits', 'bytea_output')",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+            .collect(),
+        Err(e) => {
+            tracing::info!("backfill: cannot read the target's session settings ({e}); chunks go through apply");
+            return None;
+        }
+    };
+    // The source must accept them (a time zone name unknown there would fail every chunk).
+    let probe: Vec<String> = settings
+        .iter()
+        .map(|(n, v)| {
+            format!(
+                "SELECT set_config({}, {}, true)",
+                quote_literal(n),
+                quote_literal(v)
+            )
+        })
+        .collect();
+    let probe = format!("BEGIN; {}; ROLLBACK", probe.join("; "));
+    if let Err(e) = src.batch_execute(&probe).await {
+        let _ = src.batch_execute("ROLLBACK").await;
+        tracing::info!(
+            "backfill: the source refuses the target's session settings ({}); chunks go through apply",
+            catalog::db_message(&e)
+        );
+        return None;
+    }
+    Some(TransformedSource {
+        source: copy_source.clone(),
+        select,
+        settings,
+    })
+}
+
+/// Tries to take the session advisory lock named `key` (hashed) without waiting.
+async fn try_lock(tgt: &Client, key: &str, what: &str) -> Result<bool, RunError> {
+    Ok(tgt
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .await
+        .map_err(|e| pg_err(what, e))?
+        .get(0))
+}
+
+/// Starts the bulk writers (one target connection per copy worker), after waiting out any
+/// chunk transaction an earlier, killed process may still be committing: each holds the
+/// migration's bulk fence in shared mode until it ends.
+async fn start_bulk(
+    spec: &Spec,
+    prepared: &Prepared,
+    tgt: &Client,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<BulkPool, RunError> {
+    let fence = format!("shadowmig-bulk:{}", spec.name);
+    let started = Instant::now();
+    loop {
+        if try_lock(tgt, &fence, "taking the bulk fence").await? {
+            tgt.execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                &[&fence],
+            )
+            .await
+            .map_err(|e| pg_err("releasing the bulk fence", e))?;
+            break;
+        }
+        if *shutdown.borrow() {
+            return Err(RunError::Connection(
+                "stopped while waiting for an earlier run's chunk writes to end".into(),
+            ));
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err(RunError::Fatal(format!(
+                "a backfill chunk transaction of an earlier run of {} is still open in the target after 2 minutes; \
+                 end its session (pg_stat_activity) and run again",
+                spec.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let target =
+        BulkTarget::new(&prepared.apply_target).map_err(|e| RunError::Setup(e.to_string()))?;
+    let n = spec.copy.workers.clamp(1, 8) as usize;
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(
+            catalog::connect(&spec.target.url)
+                .await
+                .map_err(|e| RunError::Connection(e.to_string()))?,
+        );
+    }
+    tracing::info!(
+        writers = n,
+        "backfill: bulk path, chunks written by binary COPY on their own connections"
+    );
+    Ok(BulkPool::start(clients, target, spec.name.clone(), fence))
 }
 
 /// Makes this connection the migration's only writer: a session advisory lock in the target,
@@ -313,15 +449,7 @@ async fn take_writer_lock(
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(60));
     loop {
-        let got: bool = tgt
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                &[&key],
-            )
-            .await
-            .map_err(|e| pg_err("taking the migration's writer lock", e))?
-            .get(0);
-        if got {
+        if try_lock(tgt, &key, "taking the migration's writer lock").await? {
             return Ok(());
         }
         if *shutdown.borrow() {
@@ -488,6 +616,38 @@ struct CopyState {
 
 const FRONTIER_ROW: i64 = 0;
 
+impl CopyState {
+    /// Records range chunk `id` (ending at `hi`, `None` for the last) as applied, and moves
+    /// the frontier over the contiguous applied prefix (`pending` holds ranges applied out of
+    /// order; `next` is the first range id not yet in the prefix).
+    fn finish_range(
+        &mut self,
+        pending: &mut HashMap<u64, Option<KeyValue>>,
+        next: &mut u64,
+        id: u64,
+        hi: Option<KeyValue>,
+    ) {
+        pending.insert(id, hi);
+        while let Some(hi) = pending.remove(next) {
+            match hi {
+                Some(hi) => self.frontier = Some(hi),
+                None => self.done = true,
+            }
+            *next += 1;
+        }
+    }
+
+    /// The checkpoint row for this state.
+    fn checkpoint(&self) -> ChunkProgress {
+        ChunkProgress {
+            chunk: FRONTIER_ROW,
+            last_key: self.frontier.as_ref().map(hex_key),
+            rows_copied: self.rows_copied,
+            done: self.done,
+        }
+    }
+}
+
 async fn read_copy_state(tgt: &Client, migration: &str) -> Result<CopyState, RunError> {
     let rows = state::read_copy_progress(tgt, migration)
         .await
@@ -513,6 +673,8 @@ async fn read_copy_state(tgt: &Client, migration: &str) -> Result<CopyState, Run
 struct ReadyChunk {
     job: Job,
     rows: Vec<TupleData>,
+    /// The rows in the target's shape, instead of `rows`, on the bulk path.
+    target_rows: Option<TargetRows>,
     snapshot: Snapshot,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -649,6 +811,8 @@ struct Applier<'a> {
     /// The source commit time and local receipt of the batch's oldest streamed transaction,
     /// for the lag histogram.
     batch_oldest: Option<(PgTimestamp, Instant)>,
+    /// The backfill's bulk writers, on the bulk path while the backfill is not done.
+    bulk: Option<BulkPool>,
 }
 
 impl Applier<'_> {
@@ -656,6 +820,22 @@ impl Applier<'_> {
         self.batch.push(SourceChange { lsn, change });
         self.batch_lsn = Some(lsn);
         self.batch_started.get_or_insert_with(Instant::now);
+    }
+
+    /// Waits until every bulk chunk handed in is committed.
+    async fn settle(&mut self) -> Result<(), RunError> {
+        match self.bulk.as_mut() {
+            Some(b) => b
+                .wait_idle()
+                .await
+                .map_err(|e| apply_err("writing a backfill chunk", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// True when no bulk chunk is in flight.
+    fn bulk_idle(&self) -> bool {
+        self.bulk.as_ref().map_or(true, |b| b.idle())
     }
 
     /// Whether the batch has waited long enough to be flushed at the next boundary.
@@ -673,6 +853,9 @@ impl Applier<'_> {
         let Some(lsn) = self.batch_lsn else {
             return Ok(());
         };
+        // Bulk chunks handed in before this batch's later changes must be in first: a delete
+        // or update would otherwise miss a row a chunk is still inserting.
+        self.settle().await?;
         let started = Instant::now();
         let name = &self.spec.name;
         let tx = self
@@ -686,13 +869,7 @@ impl Applier<'_> {
             .await
             .map_err(|e| apply_err("applying a batch", e))?;
         if let Some(c) = self.batch_copy.as_ref() {
-            let p = ChunkProgress {
-                chunk: FRONTIER_ROW,
-                last_key: c.frontier.as_ref().map(hex_key),
-                rows_copied: c.rows_copied,
-                done: c.done,
-            };
-            state::write_copy_progress(&tx, name, &p)
+            state::write_copy_progress(&tx, name, &c.checkpoint())
                 .await
                 .map_err(|e| state_err("writing copy progress", e))?;
         }
@@ -908,8 +1085,12 @@ async fn run_once(
             &spec.slot_name(),
             committed.unwrap_or(Lsn::ZERO),
             &options,
-            // Frequent status updates: the slot follows what is applied within a second.
-            StreamConfig::default().status_interval(Duration::from_secs(1)),
+            // Frequent status updates: the slot follows what is applied within a second. A deep
+            // read-ahead lets the walsender go on decoding while a batch is being applied
+            // (BENCHMARKS "engine", D1): about 10–20 MB at most.
+            StreamConfig::default()
+                .status_interval(Duration::from_secs(1))
+                .channel_capacity(65_536),
         )
         .await
         .map_err(|e| repl_err("starting replication", e))?;
@@ -930,9 +1111,16 @@ async fn run_once(
     });
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<ReadyChunk>(64);
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
+    let bulk = match &prepared.transformed {
+        Some(_) if !copy_state.done => Some(start_bulk(spec, &prepared, &tgt, shutdown).await?),
+        _ => None,
+    };
     let _copier = AbortOnDrop(tokio::spawn(copier(
         spec.clone(),
         prepared.copy_source.clone(),
+        bulk.as_ref()
+            .and(prepared.transformed.clone())
+            .map(Arc::new),
         epoch,
         copy_state.frontier.clone(),
         copy_state.done,
@@ -971,6 +1159,7 @@ async fn run_once(
             crate::sampler::key_columns(&prepared.source_columns, &prepared.copy_source.key),
         ),
         batch_oldest: None,
+        bulk,
     };
     let mut decoder = Decoder::new(1);
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
@@ -1004,7 +1193,9 @@ async fn run_once(
 
     loop {
         if *shutdown.borrow() {
-            // Finish the current batch (complete transactions only), commit, confirm, exit.
+            // Finish the current batch (complete transactions only) and the chunks handed to
+            // the bulk writers, commit, confirm, exit.
+            ap.settle().await?;
             ap.flush(&stream).await?;
             let _ = stream.send_status_now().await;
             let _ = stream.shutdown().await;
@@ -1271,6 +1462,35 @@ async fn run_once(
                             }
                             HighOutcome::Unknown => {}
                             HighOutcome::Apply { touched } => {
+                                if let (Some(rows), Some(pool), Job::Range { id, hi, .. }) =
+                                    (chunk.target_rows.as_ref(), ap.bulk.as_mut(), &chunk.job)
+                                {
+                                    // The bulk path: the chunk commits on its own connection,
+                                    // before any later stream batch (`flush` waits for it).
+                                    let (tuples, n) = rows.without(&touched);
+                                    copy_state.rows_copied += n as i64;
+                                    copy_state.finish_range(
+                                        &mut done_ranges,
+                                        &mut next_frontier_id,
+                                        *id,
+                                        hi.clone(),
+                                    );
+                                    pool.submit(tuples, n, copy_state.checkpoint())
+                                        .await
+                                        .map_err(|e| {
+                                            apply_err("handing a chunk to the bulk writers", e)
+                                        })?;
+                                    if copy_state.done {
+                                        let (copied, upserted) = pool.counts();
+                                        tracing::info!(
+                                            rows = copy_state.rows_copied,
+                                            chunks_copied = copied,
+                                            chunks_upserted = upserted,
+                                            "backfill done (bulk path; chunks still in flight are committed before any later batch)"
+                                        );
+                                    }
+                                    continue;
+                                }
                                 let lsn = ap.batch_lsn.unwrap_or(last_end);
                                 let mut n = 0i64;
                                 for row in chunk.rows {
@@ -1292,14 +1512,12 @@ async fn run_once(
                                     }
                                     Job::Range { id, hi, .. } => {
                                         copy_state.rows_copied += n;
-                                        done_ranges.insert(id, hi);
-                                        while let Some(hi) = done_ranges.remove(&next_frontier_id) {
-                                            match hi {
-                                                Some(hi) => copy_state.frontier = Some(hi),
-                                                None => copy_state.done = true,
-                                            }
-                                            next_frontier_id += 1;
-                                        }
+                                        copy_state.finish_range(
+                                            &mut done_ranges,
+                                            &mut next_frontier_id,
+                                            id,
+                                            hi,
+                                        );
                                         ap.batch_copy = Some(copy_state.clone());
                                         if copy_state.done {
                                             tracing::info!(
@@ -1329,6 +1547,7 @@ async fn run_once(
                             let _ = stream.send_status_now().await;
                         }
                         let idle = ap.is_empty()
+                            && ap.bulk_idle()
                             && ready.is_empty()
                             && pending_keys.is_empty()
                             && ap.new_rereads.is_empty();
@@ -1554,6 +1773,7 @@ async fn read_controls(c: &Client, name: &str, shared: &Shared) {
 async fn copier(
     spec: Spec,
     source: CopySource,
+    fast: Option<Arc<TransformedSource>>,
     epoch: u64,
     frontier: Option<KeyValue>,
     done: bool,
@@ -1645,6 +1865,7 @@ async fn copier(
         let client = worker_clients[rr % workers].clone();
         rr += 1;
         let source = source.clone();
+        let fast = fast.clone();
         let chunk_tx = chunk_tx.clone();
         let name = spec.name.clone();
         let job_tx = job_tx.clone();
@@ -1653,6 +1874,7 @@ async fn copier(
             if let Err(e) = read_job(
                 &mut c,
                 &source,
+                fast.as_deref(),
                 &name,
                 epoch,
                 job.clone(),
@@ -1669,9 +1891,11 @@ async fn copier(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_job(
     client: &mut Client,
     source: &CopySource,
+    fast: Option<&TransformedSource>,
     name: &str,
     epoch: u64,
     job: Job,
@@ -1680,19 +1904,34 @@ async fn read_job(
 ) -> Result<(), crate::copy::CopyError> {
     let id = job.id();
     emit_watermark(client, MESSAGE_PREFIX, &format!("lw:{name}:{epoch}:{id}")).await?;
-    let chunk = match &job {
-        Job::Range { lo, hi, .. } => {
-            source
-                .read_chunk(client, lo.as_ref(), hi.as_ref(), None)
-                .await?
+    let ready = match (&job, fast) {
+        (Job::Range { lo, hi, .. }, Some(fast)) => {
+            let t = fast.read_chunk(client, lo.as_ref(), hi.as_ref()).await?;
+            ReadyChunk {
+                job,
+                rows: Vec::new(),
+                snapshot: t.snapshot.clone(),
+                target_rows: Some(t),
+                _permit: permit,
+            }
         }
-        Job::Keys { keys, .. } => source.read_keys(client, keys).await?,
-    };
-    let ready = ReadyChunk {
-        job,
-        rows: chunk.rows,
-        snapshot: chunk.snapshot,
-        _permit: permit,
+        _ => {
+            let chunk = match &job {
+                Job::Range { lo, hi, .. } => {
+                    source
+                        .read_chunk(client, lo.as_ref(), hi.as_ref(), None)
+                        .await?
+                }
+                Job::Keys { keys, .. } => source.read_keys(client, keys).await?,
+            };
+            ReadyChunk {
+                job,
+                rows: chunk.rows,
+                snapshot: chunk.snapshot,
+                target_rows: None,
+                _permit: permit,
+            }
+        }
     };
     if chunk_tx.send(ready).await.is_err() {
         return Ok(());

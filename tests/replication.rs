@@ -839,3 +839,72 @@ async fn slow_consumer_keeps_queue_bounded_connection_alive_and_loses_nothing() 
     s.confirm(last);
     s.shutdown().await.unwrap();
 }
+
+/// A backlog makes the reader busy: it raises the receive low-water mark (fewer, larger
+/// reads), the tail of the burst below the mark still arrives (the busy wait drops the mark),
+/// and a lone change after the burst arrives at once, not with the next keepalive.
+#[tokio::test]
+async fn busy_reader_paces_reads_and_still_delivers_the_tail_and_a_lone_change() {
+    let (c, db) = testpg::fresh_db("pace").unwrap();
+    setup_schema(c, &db);
+    let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
+    let slot = cl
+        .create_logical_slot("pace", true, SnapshotAction::Nothing)
+        .await
+        .unwrap();
+    // The backlog exists before the stream starts, so the walsender sends at full speed.
+    const TXS: usize = 300;
+    const ROWS: usize = 100;
+    c.psql(
+        &db,
+        &format!(
+            "DO $$ BEGIN FOR t IN 0..{} LOOP \
+               INSERT INTO {TABLE} SELECT t * {ROWS} + g, repeat('v', 50) FROM generate_series(1, {ROWS}) g; \
+               COMMIT; END LOOP; END $$",
+            TXS - 1
+        ),
+    )
+    .unwrap();
+    // A mark far above what one commit carries, and a wait long enough to notice if the tail
+    // were only released by some later event.
+    let cfg = StreamConfig::default()
+        .busy_low_water(256 * 1024)
+        .busy_wait(Duration::from_millis(100));
+    let mut s = cl
+        .start_logical("pace", slot.consistent_point, &opts(), cfg)
+        .await
+        .unwrap();
+    let (p, last) = read_commits(&mut s, TXS).await;
+    let inserts = p.iter().filter(|d| d.first() == Some(&b'I')).count();
+    assert_eq!(inserts, TXS * ROWS);
+    s.confirm(last);
+    let st = s.read_stats();
+    assert!(
+        st.lowat_switches >= 2,
+        "the reader turned busy and back to idle: {st:?}"
+    );
+    assert!(
+        st.reads > 0 && st.bytes > (TXS * ROWS * 50) as u64,
+        "{st:?}"
+    );
+
+    // Idle again: a single change must not wait for the mark (the next keepalive would come
+    // only after wal_sender_timeout / 2 = 30 s).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    c.psql(&db, &format!("INSERT INTO {TABLE} VALUES (-1, 'lone')"))
+        .unwrap();
+    loop {
+        let (_, data) = next_data(&mut s, Duration::from_secs(5)).await;
+        if data.first() == Some(&b'I') {
+            assert!(contains(&data, "lone"));
+            break;
+        }
+    }
+    let waited = t.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "lone change took {waited:?}"
+    );
+    s.shutdown().await.unwrap();
+}

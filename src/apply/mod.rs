@@ -8,6 +8,7 @@
 //! It must never write a guessed value for an unchanged-TOAST column (such keys are handed
 //! back for a re-read), never commit data without its progress row, and never read the source.
 
+pub mod bulk;
 pub mod coalesce;
 pub mod sql;
 pub mod writer;
@@ -115,11 +116,33 @@ pub enum ApplyError {
     /// The progress row could not be written.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// A bulk chunk write on another connection failed.
+    #[error("a backfill chunk write failed: {message}")]
+    Bulk {
+        /// What failed.
+        message: String,
+        /// The failure was a lost connection (retrying may succeed).
+        connection_lost: bool,
+    },
 }
 
 impl ApplyError {
     pub(crate) fn db(during: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
         move |source| ApplyError::Db { during, source }
+    }
+
+    /// Whether the error is a lost connection (reconnecting and retrying may succeed).
+    pub fn connection_lost(&self) -> bool {
+        match self {
+            ApplyError::Db { source, .. }
+            | ApplyError::State(crate::state::StateError::Db { source, .. }) => {
+                crate::catalog::connection_lost(source)
+            }
+            ApplyError::Bulk {
+                connection_lost, ..
+            } => *connection_lost,
+            _ => false,
+        }
     }
 }
 

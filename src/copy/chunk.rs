@@ -102,12 +102,52 @@ pub enum CopyError {
     Spec(String),
 }
 
-fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
+pub(crate) fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
     move |source| CopyError::Query { context, source }
 }
 
+/// Runs a chunk's query in its transaction, rows streamed as they come.
+pub(crate) async fn chunk_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[Box<dyn ToSql + Sync + Send>],
+) -> Result<tokio_postgres::RowStream, CopyError> {
+    let stmt = tx
+        .prepare(sql)
+        .await
+        .map_err(q("preparing the chunk query"))?;
+    tx.query_raw(
+        &stmt,
+        params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
+    )
+    .await
+    .map_err(q("reading a chunk"))
+}
+
+/// Starts the read-only REPEATABLE READ transaction one chunk is read in, and returns it
+/// with its snapshot (the watermark logic needs it).
+pub(crate) async fn chunk_transaction(
+    client: &mut Client,
+) -> Result<(tokio_postgres::Transaction<'_>, Snapshot), CopyError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(q("starting the chunk transaction"))?;
+    let snap: String = tx
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .map_err(q("reading the chunk snapshot"))?
+        .get(0);
+    let snapshot = Snapshot::parse(&snap)
+        .ok_or_else(|| CopyError::Protocol(format!("unparsable snapshot {snap:?}")))?;
+    Ok((tx, snapshot))
+}
+
 impl CopySource {
-    fn check(&self) -> Result<(), CopyError> {
+    pub(crate) fn check(&self) -> Result<(), CopyError> {
         if self.key.is_empty() {
             return Err(CopyError::Spec(format!(
                 "{} has no key columns to page by",
@@ -120,7 +160,7 @@ impl CopySource {
         Ok(())
     }
 
-    fn key_list(&self) -> String {
+    pub(crate) fn key_list(&self) -> String {
         self.key
             .iter()
             .map(|&k| self.columns[k].as_str())
@@ -139,6 +179,12 @@ impl CopySource {
     /// The SELECT of one chunk: rows with key > `after` (if any) and ≤ `upto` (if any), in
     /// key order, at most `limit` (if any).
     pub fn chunk_sql(&self, after: bool, upto: bool, limit: bool) -> String {
+        self.chunk_sql_of(&self.columns.join(", "), after, upto, limit)
+    }
+
+    /// [`Self::chunk_sql`] with another select list (e.g. the target's columns computed by the
+    /// transform, then the key).
+    pub(crate) fn chunk_sql_of(&self, list: &str, after: bool, upto: bool, limit: bool) -> String {
         let keys = self.key_list();
         let mut conds = Vec::new();
         let mut next = 1;
@@ -150,7 +196,7 @@ impl CopySource {
             conds.push(format!("({keys}) <= ({})", self.key_params(next)));
             next += self.key.len();
         }
-        let mut sql = format!("SELECT {} FROM {}", self.columns.join(", "), self.table_sql);
+        let mut sql = format!("SELECT {list} FROM {}", self.table_sql);
         if !conds.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conds.join(" AND "));
@@ -223,7 +269,7 @@ impl CopySource {
         self.read(client, &sql, params).await
     }
 
-    fn push_key(
+    pub(crate) fn push_key(
         &self,
         params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
         k: &KeyValue,
@@ -245,31 +291,8 @@ impl CopySource {
         sql: &str,
         params: Vec<Box<dyn ToSql + Sync + Send>>,
     ) -> Result<Chunk, CopyError> {
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(q("starting the chunk transaction"))?;
-        let snap: String = tx
-            .query_one("SELECT pg_current_snapshot()::text", &[])
-            .await
-            .map_err(q("reading the chunk snapshot"))?
-            .get(0);
-        let snapshot = Snapshot::parse(&snap)
-            .ok_or_else(|| CopyError::Protocol(format!("unparsable snapshot {snap:?}")))?;
-        let stmt = tx
-            .prepare(sql)
-            .await
-            .map_err(q("preparing the chunk query"))?;
-        let stream = tx
-            .query_raw(
-                &stmt,
-                params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
-            )
-            .await
-            .map_err(q("reading a chunk"))?;
+        let (tx, snapshot) = chunk_transaction(client).await?;
+        let stream = chunk_rows(&tx, sql, &params).await?;
         pin_mut!(stream);
         let ncols = self.columns.len();
         let mut rows = Vec::new();

@@ -7,7 +7,9 @@
 //! chunk, and never lock source rows.
 
 pub mod chunk;
+pub mod fast;
 pub mod watermark;
 
 pub use chunk::{emit_watermark, Chunk, CopyError, CopySource, KeyValue, Snapshot};
+pub use fast::{TargetRows, TransformedSource};
 pub use watermark::{HighOutcome, WatermarkTracker};

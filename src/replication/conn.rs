@@ -8,6 +8,7 @@
 //! connection string into an error or a log line.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::str::FromStr;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -31,7 +32,7 @@ pub(crate) type BoxIo = Box<dyn Io>;
 /// Largest backend message we accept (PostgreSQL's own limit for a message is 1 GB).
 const MAX_FRAME: usize = 1 << 30;
 /// How much we ask the socket for at once: big reads keep syscalls per message low.
-const READ_CHUNK: usize = 256 * 1024;
+pub(crate) const READ_CHUNK: usize = 256 * 1024;
 
 /// One backend message: its tag and its body (without tag and length).
 #[derive(Debug)]
@@ -319,6 +320,8 @@ pub(crate) fn quote_literal(s: &str) -> String {
 /// A `replication=database` session, before `START_REPLICATION`.
 pub struct ReplicationClient {
     io: BoxIo,
+    /// The socket's descriptor when `io` is TCP (for the stream's receive low-water mark).
+    tcp_fd: Option<RawFd>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// `host:port` for messages (never the user, password or database).
@@ -419,6 +422,7 @@ impl ReplicationClient {
         user: &str,
         config: &tokio_postgres::Config,
     ) -> Result<Self, ReplicationError> {
+        let mut tcp_fd = None;
         let io: BoxIo = match host {
             Host::Tcp(h) => {
                 let s = tokio::net::TcpStream::connect((h.as_str(), port))
@@ -429,6 +433,7 @@ impl ReplicationClient {
                     })?;
                 // Status updates are tiny: do not let Nagle hold them back.
                 let _ = s.set_nodelay(true);
+                tcp_fd = Some(s.as_raw_fd());
                 Box::new(s)
             }
             Host::Unix(dir) => {
@@ -444,6 +449,7 @@ impl ReplicationClient {
         };
         let mut client = ReplicationClient {
             io,
+            tcp_fd,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
             target,
@@ -787,9 +793,13 @@ impl ReplicationClient {
             }
         }
         let ReplicationClient {
-            io, rbuf, target, ..
+            io,
+            tcp_fd,
+            rbuf,
+            target,
+            ..
         } = self;
-        Ok(LogicalStream::spawn(io, rbuf, target, start, cfg))
+        Ok(LogicalStream::spawn(io, tcp_fd, rbuf, target, start, cfg))
     }
 
     /// Ends the session politely (Terminate) and closes the socket.

@@ -35,7 +35,8 @@ mod stream;
 
 pub use conn::{CreatedSlot, ReplicationClient, SnapshotAction, SystemIdentity};
 pub use stream::{
-    ConfirmHandle, LogicalStream, PgOutputOptions, ReplicationEvent, StatusSnapshot, StreamConfig,
+    ConfirmHandle, LogicalStream, PgOutputOptions, ReadStats, ReplicationEvent, StatusSnapshot,
+    StreamConfig,
 };
 
 use std::fmt;

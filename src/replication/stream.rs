@@ -4,25 +4,29 @@
 //! `XLogData` and primary keepalives into [`ReplicationEvent`]s on a bounded channel (a full
 //! channel stops the reader, which stops reading the socket: TCP backpressure), and a writer
 //! that sends standby status updates on an interval, at once when the server asks, and when the
-//! caller asks. It must never report as flushed an LSN the caller did not confirm, except by the
-//! idle rule documented on [`LogicalStream`], and it must never decode pgoutput beyond a
-//! payload's first byte and a commit's end LSN.
+//! caller asks. While the stream is busy, the reader of a TCP socket raises the socket's receive
+//! low-water mark so that the kernel wakes it once per [`StreamConfig::busy_low_water`] bytes, not
+//! once per message (docs/DECISIONS.md D20); it must never let a message wait in the socket
+//! much longer than [`StreamConfig::busy_wait`]. It must never report as flushed an LSN the
+//! caller did not confirm, except by the idle rule documented on [`LogicalStream`], and it must
+//! never decode pgoutput beyond a payload's first byte and a commit's end LSN.
 
 use std::collections::HashSet;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
 use super::conn::{
-    parse_error, quote_ident, quote_literal, read_frame, try_frame, BoxIo, Cursor, Frame,
+    parse_error, quote_ident, quote_literal, try_frame, BoxIo, Cursor, Frame, READ_CHUNK,
 };
 use super::ReplicationError;
 use crate::lsn::Lsn;
@@ -33,6 +37,10 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 const MAX_BATCH: usize = 256;
 /// Largest channel capacity (tokio's semaphore has a permit limit).
 const MAX_CAPACITY: usize = 1 << 24;
+/// Default [`StreamConfig::busy_low_water`]: see docs/DECISIONS.md (D20).
+const BUSY_LOWAT: usize = 32 * 1024;
+/// Default [`StreamConfig::busy_wait`].
+const BUSY_WAIT: Duration = Duration::from_millis(8);
 /// Seconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01 (UTC).
 const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
 
@@ -157,6 +165,14 @@ pub struct StreamConfig {
     /// How often a standby status update is sent even when the server does not ask. Keep it
     /// well below the server's `wal_sender_timeout` (default 60 s).
     pub status_interval: Duration,
+    /// On TCP, the receive low-water mark (SO_RCVLOWAT, bytes) while the stream is busy: the
+    /// kernel then wakes the reader once per this many bytes instead of once per message, which
+    /// spares the walsender a wake-up on every send. 0 or 1 turns pacing off. Default 32 KiB.
+    pub busy_low_water: usize,
+    /// While busy, the longest the reader waits for [`StreamConfig::busy_low_water`] bytes
+    /// before it reads whatever is there (and the stream counts as idle again): the most a
+    /// message can wait in the socket. Default 8 ms.
+    pub busy_wait: Duration,
 }
 
 impl Default for StreamConfig {
@@ -164,6 +180,8 @@ impl Default for StreamConfig {
         StreamConfig {
             channel_capacity: 1024,
             status_interval: Duration::from_secs(10),
+            busy_low_water: BUSY_LOWAT,
+            busy_wait: BUSY_WAIT,
         }
     }
 }
@@ -178,6 +196,18 @@ impl StreamConfig {
     /// Sets [`StreamConfig::status_interval`].
     pub fn status_interval(mut self, d: Duration) -> Self {
         self.status_interval = d;
+        self
+    }
+
+    /// Sets [`StreamConfig::busy_low_water`] (0 or 1: no pacing).
+    pub fn busy_low_water(mut self, bytes: usize) -> Self {
+        self.busy_low_water = bytes;
+        self
+    }
+
+    /// Sets [`StreamConfig::busy_wait`] (at least 1 ms, tokio's timer resolution).
+    pub fn busy_wait(mut self, d: Duration) -> Self {
+        self.busy_wait = d.max(Duration::from_millis(1));
         self
     }
 }
@@ -262,6 +292,11 @@ struct Shared {
     updates_sent: AtomicU64,
     /// Events read and not yet taken by the consumer.
     queued: AtomicUsize,
+    /// Successful socket reads, and the bytes they returned.
+    reads: AtomicU64,
+    bytes_read: AtomicU64,
+    /// Times the reader switched to (or left) the busy low-water mark.
+    lowat_switches: AtomicU64,
     progress: Mutex<Progress>,
 }
 
@@ -290,6 +325,17 @@ impl Shared {
             updates_sent: self.updates_sent.load(Ordering::Acquire),
         }
     }
+}
+
+/// How the reader has read the socket so far (see [`LogicalStream::read_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Socket reads that returned data.
+    pub reads: u64,
+    /// Bytes those reads returned.
+    pub bytes: u64,
+    /// Times the busy receive low-water mark was set or cleared (0 on a Unix socket).
+    pub lowat_switches: u64,
 }
 
 /// A point-in-time view of the stream's progress bookkeeping.
@@ -411,6 +457,7 @@ pub struct LogicalStream {
 impl LogicalStream {
     pub(crate) fn spawn(
         io: BoxIo,
+        tcp_fd: Option<RawFd>,
         rbuf: BytesMut,
         target: String,
         start: Lsn,
@@ -428,7 +475,17 @@ impl LogicalStream {
             capacity,
             shared: shared.clone(),
         };
-        let reader = tokio::spawn(reader_task(rd, rbuf, queue, cmd_tx.clone(), shared.clone()));
+        let pacer = tcp_fd
+            .filter(|_| cfg.busy_low_water > 1)
+            .map(|fd| Pacer::new(fd, cfg.busy_low_water, cfg.busy_wait));
+        let reader = tokio::spawn(reader_task(
+            rd,
+            pacer,
+            rbuf,
+            queue,
+            cmd_tx.clone(),
+            shared.clone(),
+        ));
         let writer = tokio::spawn(writer_task(wr, cmd_rx, shared.clone(), cfg.status_interval));
         LogicalStream {
             rx: ev_rx,
@@ -471,6 +528,16 @@ impl LogicalStream {
     /// [`StreamConfig::channel_capacity`]).
     pub fn queued(&self) -> usize {
         self.handle.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// How the reader has read the socket so far: reads, bytes, low-water-mark switches.
+    pub fn read_stats(&self) -> ReadStats {
+        let s = &self.handle.shared;
+        ReadStats {
+            reads: s.reads.load(Ordering::Relaxed),
+            bytes: s.bytes_read.load(Ordering::Relaxed),
+            lowat_switches: s.lowat_switches.load(Ordering::Relaxed),
+        }
     }
 
     /// The LSN `START_REPLICATION` was asked to start at.
@@ -612,8 +679,150 @@ fn handle_frame(
     }
 }
 
+/// Paces the reader of a TCP socket with the receive low-water mark (SO_RCVLOWAT).
+///
+/// Idle, the mark is 1 byte: every message wakes the reader at once. Once `lowat` bytes
+/// arrive within `wait`, the stream is busy: the mark goes up to `lowat`, so the kernel wakes
+/// the reader once per that many bytes instead of once per message — the walsender's `send` no
+/// longer pays for a wake-up each time, and the reader takes hundreds of messages per read.
+/// When `wait` passes without that much data, the mark drops back to 1, which makes whatever
+/// is waiting readable at once (Linux re-checks readiness whenever the mark changes), so no
+/// message waits in the socket longer than `wait`. Linux also wakes the reader below the mark
+/// when the receive buffer is under pressure or the window nearly closed.
+struct Pacer {
+    fd: RawFd,
+    lowat: usize,
+    wait: Duration,
+    busy: bool,
+    /// Idle: when the current measuring window started, and the bytes read in it.
+    window_start: Instant,
+    window_bytes: usize,
+}
+
+impl Pacer {
+    fn new(fd: RawFd, lowat: usize, wait: Duration) -> Self {
+        Pacer {
+            fd,
+            lowat,
+            wait,
+            busy: false,
+            window_start: Instant::now(),
+            window_bytes: 0,
+        }
+    }
+
+    /// Sets SO_RCVLOWAT. Failure only costs speed, never data: the mark stays what it was and
+    /// the reader stays idle.
+    fn set_lowat(&mut self, bytes: usize, shared: &Shared) -> bool {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is the socket owned by the reader's half of the connection, open for as
+        // long as the reader task runs; setsockopt only reads the `c_int` we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "SO_RCVLOWAT not set; reading without it"
+            );
+            return false;
+        }
+        shared.lowat_switches.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Accounts for a read of `n` bytes; turns busy when data comes fast enough.
+    fn after_read(&mut self, n: usize, shared: &Shared) {
+        if self.busy {
+            return;
+        }
+        self.window_bytes += n;
+        if self.window_bytes >= self.lowat {
+            if self.window_start.elapsed() <= self.wait && self.set_lowat(self.lowat, shared) {
+                self.busy = true;
+            }
+            self.window_bytes = 0;
+            self.window_start = Instant::now();
+        }
+    }
+
+    /// The stream slowed down: back to waking on every byte.
+    fn go_idle(&mut self, shared: &Shared) {
+        // If the mark cannot be lowered, stay busy: the timer keeps reads going.
+        self.busy = !self.set_lowat(1, shared);
+        self.window_bytes = 0;
+        self.window_start = Instant::now();
+    }
+}
+
+/// Reads more bytes into `buf` (paced by `pacer` on TCP). Errors are a lost connection.
+async fn read_more<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    pacer: &mut Option<Pacer>,
+    shared: &Shared,
+) -> Result<(), ReplicationError> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    let res = loop {
+        match pacer {
+            Some(p) if p.busy => {
+                let r = tokio::select! {
+                    biased;
+                    r = rd.read_buf(buf) => Some(r),
+                    _ = tokio::time::sleep(p.wait) => None,
+                };
+                match r {
+                    Some(r) => break r,
+                    // Too little came for the mark: drop it (which signals what is waiting)
+                    // and read again; if it could not be dropped, the timer stays on.
+                    None => p.go_idle(shared),
+                }
+            }
+            _ => break rd.read_buf(buf).await,
+        }
+    };
+    match res {
+        Ok(0) => Err(ReplicationError::ConnectionLost(
+            "the server closed the connection".into(),
+        )),
+        Ok(n) => {
+            shared.reads.fetch_add(1, Ordering::Relaxed);
+            shared.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(p) = pacer {
+                p.after_read(n, shared);
+            }
+            Ok(())
+        }
+        Err(e) => Err(ReplicationError::ConnectionLost(e.to_string())),
+    }
+}
+
+/// Reads one backend message, waiting for the socket when `buf` holds no complete one.
+async fn next_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    pacer: &mut Option<Pacer>,
+    shared: &Shared,
+) -> Result<Frame, ReplicationError> {
+    loop {
+        if let Some(f) = try_frame(buf)? {
+            return Ok(f);
+        }
+        read_more(rd, buf, pacer, shared).await?;
+    }
+}
+
 async fn reader_task<R: AsyncRead + Unpin>(
     mut rd: R,
+    mut pacer: Option<Pacer>,
     mut buf: BytesMut,
     q: Queue,
     cmd: mpsc::UnboundedSender<Cmd>,
@@ -627,7 +836,7 @@ async fn reader_task<R: AsyncRead + Unpin>(
         // Wait for one message, then take every complete one already buffered: one channel
         // send and one lock per batch instead of per message.
         let mut end = None;
-        match read_frame(&mut rd, &mut buf).await {
+        match next_frame(&mut rd, &mut buf, &mut pacer, &shared).await {
             Ok(f) => frames.push(f),
             Err(e) => end = Some(End::Error(e)),
         }
@@ -896,6 +1105,62 @@ mod tests {
         p.observe(130, b"C");
         p.observe(131, b"");
         assert_eq!(p.must_confirm, 131);
+    }
+
+    fn rcvlowat(fd: RawFd) -> libc::c_int {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        v
+    }
+
+    #[test]
+    fn pacer_turns_busy_only_on_fast_data_and_back_to_idle() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = sock.as_raw_fd();
+        let shared = Shared::default();
+        assert_eq!(rcvlowat(fd), 1);
+
+        // Slow data: the window holds the mark's worth of bytes, but over more than `wait`.
+        let mut p = Pacer::new(fd, 4096, Duration::from_millis(20));
+        p.after_read(3000, &shared);
+        std::thread::sleep(Duration::from_millis(40));
+        p.after_read(3000, &shared);
+        assert!(!p.busy);
+        assert_eq!(rcvlowat(fd), 1);
+
+        // Fast data: busy, with the mark set on the socket.
+        p.after_read(2000, &shared);
+        assert!(!p.busy, "half the mark is not enough");
+        p.after_read(2096, &shared);
+        assert!(p.busy);
+        assert_eq!(rcvlowat(fd), 4096);
+        // Busy reads do not touch the mark.
+        p.after_read(100, &shared);
+        assert_eq!(rcvlowat(fd), 4096);
+
+        p.go_idle(&shared);
+        assert!(!p.busy);
+        assert_eq!(rcvlowat(fd), 1);
+        assert_eq!(shared.lowat_switches.load(Ordering::Relaxed), 2);
+
+        // A bad descriptor: pacing just stays off, no panic.
+        let mut bad = Pacer::new(-1, 4096, Duration::from_secs(1));
+        bad.after_read(8192, &shared);
+        assert!(!bad.busy);
+        assert_eq!(shared.lowat_switches.load(Ordering::Relaxed), 2);
     }
 
     #[test]

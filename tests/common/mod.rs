@@ -247,6 +247,16 @@ pub fn spawn_run(
     log: &std::path::Path,
     filter: &str,
 ) -> std::process::Child {
+    spawn_run_env(spec, log, filter, &[])
+}
+
+/// [`spawn_run`] with extra environment variables for the child.
+pub fn spawn_run_env(
+    spec: &std::path::Path,
+    log: &std::path::Path,
+    filter: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -254,6 +264,7 @@ pub fn spawn_run(
         .unwrap();
     shadowmig(&["run", spec.to_str().unwrap()])
         .env("SHADOWMIG_LOG", filter)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(f)
         .spawn()
