@@ -8,8 +8,8 @@
 //! - protocols: [`tail`]
 //! - engines: [`replication`] (walsender client), [`copy`] (watermarked chunks), [`apply`]
 //!   (coalesced set-based writer), [`verify`], [`plan`], [`spill`]
-//! - ground: [`pgoutput`] (sans-IO decoder), [`spec`], [`catalog`], [`state`], [`metrics`],
-//!   [`raw`], [`lsn`], [`testpg`] (throwaway clusters)
+//! - ground: [`pgoutput`] (sans-IO decoder), [`spec`], [`catalog`], [`state`], [`stages`],
+//!   [`metrics`], [`raw`], [`lsn`], [`testpg`] (throwaway clusters)
 #![warn(missing_docs)]
 //! - engines: [`apply`], [`replication`]
 //! - engines: [`replication`], [`plan`]
@@ -32,6 +32,7 @@ pub mod run;
 pub mod sampler;
 pub mod spec;
 pub mod spill;
+pub mod stages;
 pub mod state;
 pub mod status;
 pub mod tail;

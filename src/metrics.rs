@@ -18,6 +18,9 @@ pub const APPLY_LAG_SECONDS: &str = "shadowmig_apply_lag_seconds";
 pub const BATCH_SIZE: &str = "shadowmig_batch_size";
 /// Seconds to apply one batch in the target (histogram).
 pub const APPLY_SECONDS: &str = "shadowmig_apply_seconds";
+/// Replication lag of each committed batch (histogram): seconds from the source commit of the
+/// batch's oldest streamed change to the batch's commit in the target.
+pub const BATCH_LAG_SECONDS: &str = "shadowmig_batch_lag_seconds";
 /// Rows found different by verification.
 pub const MISMATCH_TOTAL: &str = "shadowmig_mismatch_total";
 /// Rows checked by verification.
@@ -58,6 +61,15 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
                 &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
             )
         })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(BATCH_LAG_SECONDS.into()),
+                &[
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                    3600.0,
+                ],
+            )
+        })
         .and_then(|b| b.install())
         .map_err(|e| MetricsError {
             addr,
@@ -94,6 +106,11 @@ fn describe() {
         APPLY_SECONDS,
         Unit::Seconds,
         "time to apply one batch in the target"
+    );
+    describe_histogram!(
+        BATCH_LAG_SECONDS,
+        Unit::Seconds,
+        "per committed batch: from the source commit of its oldest change to its commit in the target"
     );
     describe_counter!(
         MISMATCH_TOTAL,

@@ -28,13 +28,14 @@ use crate::copy::{
     WatermarkTracker,
 };
 use crate::lsn::Lsn;
-use crate::pgoutput::{Decoder, LogicalMessage, RelationBody, TupleData, TupleValue};
+use crate::pgoutput::{Decoder, LogicalMessage, PgTimestamp, RelationBody, TupleData, TupleValue};
 use crate::replication::{
     PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent, SnapshotAction,
     StreamConfig,
 };
 use crate::spec::{quote_ident, quote_literal, Spec};
 use crate::spill::Spill;
+use crate::stages::{RunStage, StageLog};
 use crate::state::{self, ChunkProgress, Direction};
 
 /// The prefix of shadowmig's logical messages (watermarks and sync markers).
@@ -725,6 +726,24 @@ pub async fn run(
     opts: &RunOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Outcome, RunError> {
+    let mut stages = StageLog::new(&spec.name);
+    stages.set(RunStage::SettingUp);
+    let result = run_stages(spec, spec_text, opts, &mut shutdown, &mut stages).await;
+    stages.set(match &result {
+        Ok(Outcome::Paused(_)) => RunStage::Paused,
+        _ => RunStage::Stopped,
+    });
+    result
+}
+
+/// [`run`] after its first stage change: set up, then connected stretches until an outcome.
+async fn run_stages(
+    spec: &Spec,
+    spec_text: &str,
+    opts: &RunOptions,
+    shutdown: &mut watch::Receiver<bool>,
+    stages: &mut StageLog,
+) -> Result<Outcome, RunError> {
     {
         let src = catalog::connect(&spec.source.url)
             .await
@@ -742,7 +761,7 @@ pub async fn run(
     metrics::gauge!(crate::metrics::STAGE).set(0.0);
     let mut backoff = Duration::from_millis(500);
     loop {
-        match run_once(spec, opts, &mut shutdown).await {
+        match run_once(spec, opts, shutdown, stages).await {
             Ok(outcome) => return Ok(outcome),
             Err(e) if e.retryable() => {
                 if *shutdown.borrow() {
@@ -789,6 +808,9 @@ struct Applier<'a> {
     position: Lsn,
     /// The live verification sampler, offered a share of each batch's keys.
     sampler: Option<crate::sampler::Sampler>,
+    /// The source commit time and local receipt of the batch's oldest streamed transaction,
+    /// for the lag histogram.
+    batch_oldest: Option<(PgTimestamp, Instant)>,
     /// The backfill's bulk writers, on the bulk path while the backfill is not done.
     bulk: Option<BulkPool>,
 }
@@ -879,6 +901,10 @@ impl Applier<'_> {
             .increment(n as u64 - self.batch_copied.min(n as u64));
         metrics::histogram!(crate::metrics::BATCH_SIZE).record(n as f64);
         metrics::histogram!(crate::metrics::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Some((ts, received)) = self.batch_oldest.take() {
+            metrics::histogram!(crate::metrics::BATCH_LAG_SECONDS)
+                .record(commit_age(ts, received).as_secs_f64());
+        }
         self.batch_copied = 0;
         self.batch.clear();
         self.batch_lsn = None;
@@ -961,9 +987,26 @@ impl Applier<'_> {
         stream.confirm(lsn.max(self.position));
         self.applied += total;
         metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(total);
+        if let Some((ts, received)) = self.batch_oldest.take() {
+            metrics::histogram!(crate::metrics::BATCH_LAG_SECONDS)
+                .record(commit_age(ts, received).as_secs_f64());
+        }
         self.new_rereads.extend(rereads);
         Ok(())
     }
+}
+
+/// How old a source transaction is now: from its commit on the source (`commit_ts`, microseconds
+/// since 2000-01-01, the source's clock) to now, and never less than the time since we received
+/// it (`received`, our monotonic clock), so a source clock running ahead of ours cannot hide lag.
+fn commit_age(commit_ts: PgTimestamp, received: Instant) -> Duration {
+    const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64 - PG_EPOCH_UNIX_MICROS)
+        .unwrap_or(commit_ts);
+    let by_clock = Duration::from_micros(now.saturating_sub(commit_ts).max(0) as u64);
+    by_clock.max(received.elapsed())
 }
 
 /// Records, in the batch's transaction, the keys apply could not write from the stream, so
@@ -993,6 +1036,7 @@ async fn run_once(
     spec: &Spec,
     opts: &RunOptions,
     shutdown: &mut watch::Receiver<bool>,
+    stages: &mut StageLog,
 ) -> Result<Outcome, RunError> {
     let src = catalog::connect(&spec.source.url)
         .await
@@ -1116,6 +1160,7 @@ async fn run_once(
             spec,
             crate::sampler::key_columns(&prepared.source_columns, &prepared.copy_source.key),
         ),
+        batch_oldest: None,
         bulk,
     };
     let mut decoder = Decoder::new(1);
@@ -1192,6 +1237,11 @@ async fn run_once(
                 metrics::gauge!(crate::metrics::APPLY_LAG_BYTES).set(bytes as f64);
             }
         }
+        stages.set(RunStage::of(
+            copy_state.done,
+            shared.paused.load(Ordering::Relaxed),
+            caught_up_logged,
+        ));
         if let Some(bar) = bar.as_mut() {
             bar.update(&copy_state, ap.applied, last_end);
         } else if last_report.elapsed() > Duration::from_secs(5) {
@@ -1270,9 +1320,11 @@ async fn run_once(
             ap.position = ap.position.max(wal_start);
         }
         match msg {
-            LogicalMessage::Begin { xid, .. } => {
+            LogicalMessage::Begin { xid, commit_ts, .. } => {
                 txn = Some(Txn {
                     xid,
+                    commit_ts,
+                    received: Instant::now(),
                     changes: Vec::new(),
                     keys: Vec::new(),
                     track: tracker.open_windows() > 0,
@@ -1350,12 +1402,14 @@ async fn run_once(
                     // Too large for one batch: apply what came before, then this transaction
                     // alone, in parts, inside one target transaction.
                     ap.flush(&stream).await?;
+                    ap.batch_oldest = Some((t.commit_ts, t.received));
                     ap.apply_large(&stream, spill, t.changes, end_lsn, opts.batch_changes)
                         .await?;
                     oldest_unapplied = None;
                     continue;
                 }
                 oldest_unapplied.get_or_insert_with(Instant::now);
+                ap.batch_oldest.get_or_insert((t.commit_ts, t.received));
                 for change in t.changes {
                     ap.push(end_lsn, change);
                 }
@@ -1513,6 +1567,7 @@ async fn run_once(
                                 let _ = ap.tgt.execute("UPDATE shadowmig.migrations SET caught_up_at = now() WHERE name = $1", &[&spec.name]).await;
                             }
                             if opts.exit_when_caught_up {
+                                stages.set(RunStage::CaughtUp);
                                 let _ = stream.send_status_now().await;
                                 let _ = stream.shutdown().await;
                                 return Ok(Outcome::CaughtUp);
@@ -1532,6 +1587,9 @@ async fn run_once(
 /// Commit: keys are collected only when one is.
 struct Txn {
     xid: u32,
+    /// Source commit time (from Begin) and when Begin arrived, for the lag histogram.
+    commit_ts: PgTimestamp,
+    received: Instant,
     changes: Vec<Change>,
     keys: Vec<KeyValue>,
     track: bool,

@@ -32,6 +32,11 @@ const CHANNEL: usize = 1000;
 /// Keys per re-check call (each call waits once for apply to pass its read position, up to
 /// the stream's status interval when the source is idle, so calls are few and wide).
 const BATCH: usize = 1000;
+/// The most of the sampler's wall time the target lookup of changed identities may take: it
+/// searches the target by the source's key, which the target's indexes often do not lead
+/// with (a table re-keyed by customer, say), and then it is a full scan; between lookups the
+/// identities wait (at most [`BATCH`] of them) for the next one.
+const TARGET_LOOKUP_DUTY: f64 = 0.01;
 
 /// One source column of the identity apply matches rows by.
 #[derive(Debug, Clone)]
@@ -259,6 +264,9 @@ struct Worker {
     state: Client,
     q: Queries,
     target_lookup: bool,
+    /// Identities waiting for the next target lookup, and when it may run.
+    target_pending: Vec<Vec<Bytes>>,
+    target_next: Instant,
     /// Positions in `key` of the columns the target is searched by.
     lookup: Vec<usize>,
     /// Keys already reported at warn level (later finds of the same key are counted, and
@@ -345,6 +353,8 @@ impl Worker {
             spec: spec.clone(),
             key: key.to_vec(),
             target_lookup,
+            target_pending: Vec::new(),
+            target_next: Instant::now(),
             lookup,
             ctx,
             state,
@@ -458,36 +468,18 @@ impl Worker {
         }
         let from_source = out.len();
         if self.target_lookup {
-            let cols: Vec<KeyColumn> = self.lookup.iter().map(|&i| self.key[i].clone()).collect();
-            let sql = identity_sql(
-                &self.ctx.shape.target_sql,
-                &self.ctx.shape.target_alias,
-                &self.q.target_key,
-                &cols,
-                n,
-            );
-            let arity = self.q.arity;
-            let mut sub: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(n * cols.len());
-            for r in 0..n {
-                for &i in &self.lookup {
-                    sub.push(refs[r * arity + i]);
-                }
-            }
-            match self.ctx.target.query(&sql, &sub).await {
-                Ok(rows) => {
-                    for r in rows {
-                        out.push(r.try_get(0).map_err(qerr("target: keys of changed rows"))?);
-                    }
-                }
-                Err(e) => {
-                    // E.g. a source type the target database lacks: look up by the source
-                    // only (extras under a changed key are then left to random sampling).
-                    tracing::info!(
-                        "live verification sampler: cannot look changed keys up in the target ({}); using the source only",
-                        catalog::db_message(&e)
-                    );
-                    self.target_lookup = false;
-                }
+            // Bounded: beyond BATCH waiting identities, new ones go to the source side only.
+            let room = BATCH.saturating_sub(self.target_pending.len());
+            self.target_pending.extend(ids.iter().take(room).cloned());
+            if !self.target_pending.is_empty() && Instant::now() >= self.target_next {
+                let pending = std::mem::take(&mut self.target_pending);
+                let started = Instant::now();
+                out.extend(self.lookup_in_target(&pending).await?);
+                // Keep the lookup to its share of the time, however long a scan takes.
+                self.target_next = Instant::now()
+                    + started
+                        .elapsed()
+                        .mul_f64((1.0 - TARGET_LOOKUP_DUTY) / TARGET_LOOKUP_DUTY);
             }
         }
         tracing::debug!(
@@ -499,7 +491,48 @@ impl Worker {
         Ok(out)
     }
 
-    /// Estimated rows of the source (`true`) or target table, over its leaf partitions.
+    /// Target keys of the target rows that carry these identities (by the narrowest unique
+    /// part of the identity the target holds as it is, see [`Worker::open`]): finds a row moved
+    /// under another target key, and an extra row next to the right one.
+    async fn lookup_in_target(&mut self, ids: &[Vec<Bytes>]) -> Result<Vec<KeyText>, VerifyError> {
+        let cols: Vec<KeyColumn> = self.lookup.iter().map(|&i| self.key[i].clone()).collect();
+        let params: Vec<RawParam> = ids
+            .iter()
+            .flat_map(|id| self.lookup.iter().filter_map(|&i| id.get(i).cloned()))
+            .map(RawParam)
+            .collect();
+        if params.len() != ids.len() * cols.len() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let sql = identity_sql(
+            &self.ctx.shape.target_sql,
+            &self.ctx.shape.target_alias,
+            &self.q.target_key,
+            &cols,
+            ids.len(),
+        );
+        match self.ctx.target.query(&sql, &refs).await {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| r.try_get(0).map_err(qerr("target: keys of changed rows")))
+                .collect(),
+            Err(e) => {
+                // E.g. a source type the target database lacks: look up by the source only
+                // (extras under a changed key are then left to random sampling).
+                tracing::info!(
+                    "live verification sampler: cannot look changed keys up in the target ({}); using the source only",
+                    catalog::db_message(&e)
+                );
+                self.target_lookup = false;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Estimated rows of the source (`true`) or target table, over its leaf partitions (50 a
+    /// page for a table never analyzed or vacuumed).
     async fn rows(&self, source: bool) -> Result<f64, VerifyError> {
         let (c, t) = if source {
             (&self.ctx.source, &self.ctx.shape.source_sql)
@@ -508,8 +541,14 @@ impl Worker {
         };
         let r = c
             .query_one(
-                "SELECT coalesce(greatest(sum(c.reltuples), 0), 0)::float8 FROM pg_class c \
-                 WHERE c.oid = to_regclass($1) OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass($1)) WHERE isleaf)",
+                // As the planner does: the density seen at the last ANALYZE/VACUUM times the
+                // pages now. `reltuples` alone is -1 until then (a freshly backfilled shadow
+                // table), and taking that for "small" made every random sample a full scan.
+                "SELECT coalesce(sum( \
+                   CASE WHEN c.relpages > 0 AND c.reltuples >= 0 THEN c.reltuples / c.relpages ELSE 50 END \
+                   * (pg_relation_size(c.oid) / current_setting('block_size')::float8)), 0)::float8 \
+                 FROM pg_class c WHERE c.relkind IN ('r', 'm') AND (c.oid = to_regclass($1) \
+                 OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass($1)) WHERE isleaf))",
                 &[t],
             )
             .await

@@ -281,20 +281,29 @@ pub async fn read_migration<C: GenericClient>(
     }))
 }
 
-/// Sets a migration's stage.
+/// Sets a migration's stage; returns the stage it had (`None`: no such migration) and logs the
+/// change, once, when there was one ([`crate::stages::log_change`]). The old stage is read
+/// under the row lock the update takes, so concurrent callers each log the change they made.
 pub async fn set_stage<C: GenericClient>(
     client: &C,
     name: &str,
     stage: &str,
-) -> Result<(), StateError> {
-    client
-        .execute(
-            "UPDATE shadowmig.migrations SET stage = $2, updated_at = now() WHERE name = $1",
+) -> Result<Option<String>, StateError> {
+    let row = client
+        .query_opt(
+            "UPDATE shadowmig.migrations m SET stage = $2, updated_at = now() \
+             FROM (SELECT name, stage FROM shadowmig.migrations WHERE name = $1 FOR UPDATE) old \
+             WHERE m.name = old.name RETURNING old.stage",
             &[&name, &stage],
         )
         .await
         .map_err(db("set stage"))?;
-    Ok(())
+    let Some(row) = row else { return Ok(None) };
+    let old: String = row.try_get(0).map_err(db("set stage"))?;
+    if old != stage {
+        crate::stages::log_change(crate::stages::Scope::Migration, name, &old, stage);
+    }
+    Ok(Some(old))
 }
 
 /// Records (or clears, with `None`) a migration's last error.

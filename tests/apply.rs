@@ -888,7 +888,22 @@ async fn state_tables_are_idempotent_and_droppable() {
         .await
         .unwrap());
     assert!(!state::register_migration(&cl, "m1", "other").await.unwrap());
-    state::set_stage(&cl, "m1", "reads").await.unwrap();
+    // set_stage reports the stage it replaced (what its log line says), None for no migration.
+    assert_eq!(
+        state::set_stage(&cl, "m1", "reads")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("source")
+    );
+    assert_eq!(
+        state::set_stage(&cl, "m1", "reads")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("reads")
+    );
+    assert_eq!(state::set_stage(&cl, "nope", "reads").await.unwrap(), None);
     state::set_last_error(&cl, "m1", Some("boom"))
         .await
         .unwrap();

@@ -723,7 +723,129 @@ fn prometheus_metrics_report_copy_and_apply() {
         body.contains("# HELP shadowmig_rows_copied_total"),
         "{body}"
     );
+    // The lag histogram: one sample per committed batch of streamed changes, each the age of
+    // the batch's oldest change (seconds, on this test's idle machine well under a minute).
+    let lag_count = metric(&body, "shadowmig_batch_lag_seconds_count").unwrap_or(0.0);
+    let lag_sum = metric(&body, "shadowmig_batch_lag_seconds_sum").unwrap_or(-1.0);
+    assert!(lag_count > 0.0, "no lag samples:\n{body}");
+    assert!(
+        (0.0..60.0 * lag_count).contains(&lag_sum),
+        "lag sum {lag_sum} over {lag_count} batches:\n{body}"
+    );
+    assert!(
+        body.contains("shadowmig_batch_lag_seconds_bucket{le=\"0.5\"}"),
+        "{body}"
+    );
     assert_eq!(sigterm(&mut child).code(), Some(0));
+    // Human log lines carry the stage fields as plain `key=value`, no colour codes in a file.
+    let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    for line in [
+        "stage changed scope=run migration=metrics_mig from=none to=setting-up",
+        "stage changed scope=run migration=metrics_mig from=setting-up to=backfill",
+    ] {
+        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
+    }
+    assert!(log.contains(" to=stopped"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log}");
+}
+
+/// The `stage changed` lines of a JSON log: (scope, from, to) in order.
+fn stage_lines(log: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "stage changed")
+        .map(|v| {
+            let f = |k: &str| v["fields"][k].as_str().unwrap_or("?").to_string();
+            (f("scope"), f("from"), f("to"))
+        })
+        .collect()
+}
+
+#[test]
+fn every_stage_change_logs_one_line_in_order() {
+    let (c, db) = testpg::fresh_db("engine_stages").unwrap();
+    setup(c, &db, 20_000);
+    c.psql(&db, "ANALYZE orders").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "stages_mig", &c.url(&db), 50);
+    let log = dir.path().join("run.log");
+    let mut child = shadowmig(&["--log-format", "json", "run", spec.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_json(&spec)["copy"]["rows_copied"]
+        .as_i64()
+        .unwrap_or(0)
+        == 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let control = |cmd: &str| {
+        let out = shadowmig(&[cmd, spec.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+    };
+    control("pause");
+    std::thread::sleep(Duration::from_millis(1500));
+    control("resume");
+    assert!(wait_equal(c, &db, Duration::from_secs(120)));
+    c.psql(&db, "UPDATE orders SET status = 'staged' WHERE id <= 10")
+        .unwrap();
+    let run_lines = |log: &Path| {
+        stage_lines(log)
+            .into_iter()
+            .filter(|(s, _, _)| s == "run")
+            .map(|(_, f, t)| format!("{f}->{t}"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !run_lines(&log).contains(&"streaming->caught-up".to_string())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A source change apply cannot follow pauses the run: the persisted stage changes too.
+    c.psql(&db, "ALTER TABLE orders ADD COLUMN priority int")
+        .unwrap();
+    c.psql(&db, "UPDATE orders SET priority = 1 WHERE id = 2")
+        .unwrap();
+    let st = wait_exit(&mut child, Duration::from_secs(30)).expect("run did not pause");
+    assert_eq!(st.code(), Some(3));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        run_lines(&log),
+        [
+            "none->setting-up",
+            "setting-up->backfill",
+            "backfill->paused",
+            "paused->backfill",
+            "backfill->streaming",
+            "streaming->caught-up",
+            "caught-up->paused",
+        ],
+        "{text}"
+    );
+    let migration: Vec<_> = stage_lines(&log)
+        .into_iter()
+        .filter(|(s, _, _)| s == "migration")
+        .collect();
+    assert_eq!(
+        migration,
+        [("migration".into(), "source".into(), "paused".into())],
+        "{text}"
+    );
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT stage FROM shadowmig.migrations WHERE name = 'stages_mig'"
+        )
+        .unwrap(),
+        "paused"
+    );
 }
 
 #[test]
