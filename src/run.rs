@@ -525,6 +525,15 @@ pub async fn set_up(
     state::register_migration(&*tgt, &spec.name, spec_text)
         .await
         .map_err(|e| state_err("registering the migration", e))?;
+    // A run after a pause (source DDL or TRUNCATE) goes on: the migration is back at its
+    // first stage (no cutover stage exists before it), and `status` must not say paused.
+    if let Ok(Some(m)) = state::read_migration(&*tgt, &spec.name).await {
+        if m.stage == "paused" {
+            state::set_stage(&*tgt, &spec.name, "source")
+                .await
+                .map_err(|e| state_err("resuming after a pause", e))?;
+        }
+    }
 
     let pubname = spec.publication_name();
     let slot = spec.slot_name();

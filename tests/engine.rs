@@ -348,9 +348,12 @@ fn source_ddl_mid_run_pauses_with_a_message_and_loses_nothing() {
             .contains("changed shape"),
         "{stj}"
     );
-    // The operator looks, decides the new column need not move, and runs again: it goes on.
+    assert_eq!(stj["stage"], "paused", "{stj}");
+    // The operator looks, decides the new column need not move, and runs again: it goes on,
+    // and the migration is no longer shown as paused.
     run_to_catch_up(&spec);
     common::assert_orders_equal(c, &db);
+    assert_eq!(status_json(&spec)["stage"], "source");
 }
 
 #[test]
