@@ -593,15 +593,7 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
 
     let log = dir.path().join("run.log");
     let mut child = spawn_run(&spec, &log);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status_json(&spec)["copy"]["rows_copied"]
-        .as_i64()
-        .unwrap_or(0)
-        == 0
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_backfill_started(&spec);
     let out = shadowmig(&["pause", spec.to_str().unwrap()])
         .output()
         .unwrap();
@@ -779,15 +771,7 @@ fn every_stage_change_logs_one_line_in_order() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status_json(&spec)["copy"]["rows_copied"]
-        .as_i64()
-        .unwrap_or(0)
-        == 0
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_backfill_started(&spec);
     let control = |cmd: &str| {
         let out = shadowmig(&[cmd, spec.to_str().unwrap()]).output().unwrap();
         assert!(out.status.success(), "{cmd}: {out:?}");
@@ -1081,6 +1065,19 @@ chunk_rows = 500
     );
     assert!(std::fs::read_to_string(&log).unwrap().contains("bulk path"));
     assert_eq!(sigterm(&mut child).code(), Some(0));
+}
+
+/// Waits (up to 30 s) until `status` shows copied rows.
+fn wait_backfill_started(spec: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_json(spec)["copy"]["rows_copied"]
+        .as_i64()
+        .unwrap_or(0)
+        == 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {
