@@ -255,3 +255,43 @@ async fn a_failed_chunk_fails_the_pool_and_commits_nothing_after_it() {
         .await
         .is_err());
 }
+
+/// A chunk that has to wait for a row lock would wait for ever when the holder is a later
+/// chunk (two chunks holding the same target key: the later one holds the row, the earlier one
+/// must commit first). Here another session holds the row: the wait times out, and the failure
+/// says why instead of hanging.
+#[tokio::test]
+async fn a_chunk_waiting_for_a_row_lock_fails_with_a_reason_instead_of_hanging() {
+    let (c, db, mut cl) = setup("bulk_lockwait").await;
+    let r = reader();
+    let rows = r.read_chunk(&mut cl, None, Some(&key(10))).await.unwrap();
+    // An open transaction holds the target key of the source row with id 5.
+    let mut holder = c.client(&db).await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute(r#"INSERT INTO "Sch ☺"."Dst ✓" VALUES (5, 5, 0, 'held', NULL)"#)
+        .await
+        .unwrap();
+    let target = BulkTarget::new(&target())
+        .unwrap()
+        .lock_timeout(std::time::Duration::from_millis(1000));
+    let mut p = BulkPool::start(
+        vec![c.client(&db).await.unwrap()],
+        target,
+        "m4".into(),
+        "fence:m4".into(),
+    );
+    p.submit(rows.data.clone(), 10, checkpoint(10, 10, false))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(60), p.wait_idle())
+        .await
+        .expect("the pool must not hang")
+        .expect_err("the held row must fail the chunk");
+    assert!(err.to_string().contains("same target key"), "{err}");
+    assert!(!err.connection_lost());
+    tx.rollback().await.unwrap();
+    let n = c
+        .psql(&db, r#"SELECT count(*) FROM "Sch ☺"."Dst ✓""#)
+        .unwrap();
+    assert_eq!(n, "0", "nothing of the failed chunk is committed");
+}

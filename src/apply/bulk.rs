@@ -36,6 +36,7 @@ pub struct BulkTarget {
     stage_create: String,
     stage_copy: String,
     upsert: String,
+    lock_timeout_ms: u64,
 }
 
 const STAGE: &str = "shadowmig_bulk_stage";
@@ -79,7 +80,15 @@ impl BulkTarget {
                 "INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT ({}) {action}",
                 keys.join(", ")
             ),
+            lock_timeout_ms: 60_000,
         })
+    }
+
+    /// How long a chunk may wait for a row lock before it fails (default 60 s); see
+    /// [`BulkPool`]: any wait means two chunks hold the same target key.
+    pub fn lock_timeout(mut self, d: std::time::Duration) -> BulkTarget {
+        self.lock_timeout_ms = (d.as_millis() as u64).max(1);
+        self
     }
 }
 
@@ -352,10 +361,32 @@ async fn write_one(
     // No need to wait for the flush: a chunk lost in a crash loses its checkpoint with it (the
     // range is copied again), and every later stream batch commits synchronously, which
     // flushes the WAL — this commit record included — before the slot is confirmed.
-    tx.batch_execute("SET LOCAL synchronous_commit = off")
-        .await
-        .map_err(ApplyError::db("bulk commit mode"))?;
-    let upserted = write_chunk(&mut tx, target, &job.tuples).await?;
+    // Nothing else writes the shadow table while chunks are in flight (stream batches wait for
+    // them), so a lock wait means two chunks hold the same target key — and since chunks
+    // commit in order, the two would wait for each other for ever. Fail instead, and say why.
+    tx.batch_execute(&format!(
+        "SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = {}",
+        target.lock_timeout_ms
+    ))
+    .await
+    .map_err(ApplyError::db("bulk commit mode"))?;
+    let upserted = match write_chunk(&mut tx, target, &job.tuples).await {
+        Err(ApplyError::Db { source, .. })
+            if source.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
+        {
+            return Err(ApplyError::Bulk {
+                message: format!(
+                    "a backfill chunk waited over {} ms for a row lock in the target ({}): two source rows \
+                     seem to map to the same target key (is the target key unique over the transformed rows?), \
+                     or another session is writing the shadow table",
+                    target.lock_timeout_ms,
+                    crate::catalog::db_message(&source)
+                ),
+                connection_lost: false,
+            })
+        }
+        other => other?,
+    };
     // Commit in hand-in order: the checkpoint must never pass an uncommitted chunk.
     let mut rx = state.subscribe();
     // A failure of a later chunk does not stop this one: only an earlier failure (which
