@@ -37,6 +37,17 @@ const BATCH: usize = 1000;
 /// with (a table re-keyed by customer, say), and then it is a full scan; between lookups the
 /// identities wait (at most [`BATCH`] of them) for the next one.
 const TARGET_LOOKUP_DUTY: f64 = 0.01;
+/// The duty rule above, bounded so that identities never wait long: the gap after a lookup
+/// that took `d` is at most max(this, 9·d) — a share of at most 10 % for slow lookups, and
+/// the 1 % rule for any lookup under 0.1 s. (Without a bound, one slow lookup under load made
+/// the next wait minutes, and a lone change after it went unchecked.)
+const TARGET_LOOKUP_MAX_GAP: Duration = Duration::from_secs(10);
+
+/// The wait after a target lookup that took `d`.
+fn lookup_gap(d: Duration) -> Duration {
+    let duty = d.mul_f64((1.0 - TARGET_LOOKUP_DUTY) / TARGET_LOOKUP_DUTY);
+    duty.min(TARGET_LOOKUP_MAX_GAP.max(d * 9))
+}
 
 /// One source column of the identity apply matches rows by.
 #[derive(Debug, Clone)]
@@ -476,10 +487,7 @@ impl Worker {
                 let started = Instant::now();
                 out.extend(self.lookup_in_target(&pending).await?);
                 // Keep the lookup to its share of the time, however long a scan takes.
-                self.target_next = Instant::now()
-                    + started
-                        .elapsed()
-                        .mul_f64((1.0 - TARGET_LOOKUP_DUTY) / TARGET_LOOKUP_DUTY);
+                self.target_next = Instant::now() + lookup_gap(started.elapsed());
             }
         }
         tracing::debug!(
@@ -658,6 +666,17 @@ async fn ensure_counters(c: &Client, migration: &str) -> Result<(), VerifyError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_lookups_keep_their_share_yet_never_wait_long() {
+        let ms = Duration::from_millis;
+        // Fast lookups: the 1 % rule.
+        assert_eq!(lookup_gap(ms(20)), ms(1980));
+        assert_eq!(lookup_gap(ms(100)), ms(9900));
+        // Slower: at most 10 s, or 9 × the lookup (a 10 % share) when that is longer.
+        assert_eq!(lookup_gap(ms(500)), Duration::from_secs(10));
+        assert_eq!(lookup_gap(Duration::from_secs(5)), Duration::from_secs(45));
+    }
 
     #[test]
     fn identity_sql_casts_each_parameter_to_the_source_type() {
