@@ -173,18 +173,22 @@ pub struct Prepared {
     pub transformed: Option<TransformedSource>,
 }
 
+/// The oid of `table` (the `side` table), which must exist.
+async fn existing_table(
+    client: &Client,
+    table: &crate::spec::QualifiedName,
+    side: &str,
+) -> Result<u32, RunError> {
+    catalog::table_oid(client, table)
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?
+        .ok_or_else(|| RunError::Setup(format!("{side} table {} not found", table.quoted())))
+}
+
 /// Derives the apply target and the copy source from the catalogs of both databases.
 pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared, RunError> {
     let cat = |e: catalog::CatalogError| RunError::Setup(e.to_string());
-    let source_oid = catalog::table_oid(src, &spec.source.table)
-        .await
-        .map_err(cat)?
-        .ok_or_else(|| {
-            RunError::Setup(format!(
-                "source table {} not found",
-                spec.source.table.quoted()
-            ))
-        })?;
+    let source_oid = existing_table(src, &spec.source.table, "source").await?;
     let source_columns: Vec<catalog::Column> = catalog::columns(src, source_oid)
         .await
         .map_err(cat)?
@@ -192,15 +196,7 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
         .filter(|c| !c.generated)
         .collect();
     let pk = catalog::primary_key(src, source_oid).await.map_err(cat)?;
-    let target_oid = catalog::table_oid(tgt, &spec.target.table)
-        .await
-        .map_err(cat)?
-        .ok_or_else(|| {
-            RunError::Setup(format!(
-                "target table {} not found",
-                spec.target.table.quoted()
-            ))
-        })?;
+    let target_oid = existing_table(tgt, &spec.target.table, "target").await?;
     let target_cols = catalog::columns(tgt, target_oid).await.map_err(cat)?;
     let target_key = catalog::row_key(tgt, target_oid)
         .await

@@ -157,11 +157,7 @@ fn crash_run(seed: u64) {
     let out = shadowmig(&["abort", spec.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
 }
 
 /// Seeds to run: `SHADOWMIG_CRASH_SEEDS=a..b` soaks many (e.g. `1..200`); CI runs a few.
@@ -237,11 +233,7 @@ fn sigterm_commits_and_exits_0_then_status_and_abort_leave_nothing() {
     let out = shadowmig(&["abort", spec.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert_eq!(
         c.psql(
             &db,
@@ -278,11 +270,7 @@ fn abort_stops_a_running_migration_and_frees_the_slot() {
     let out = shadowmig(&["abort", spec.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("dropped replication slot"));
     assert_eq!(
         c.psql(
@@ -313,8 +301,7 @@ fn source_ddl_mid_run_pauses_with_a_message_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "ddl_mid", &c.url(&db), 200);
     let log = dir.path().join("run.log");
-    let mut child = spawn_run(&spec, &log);
-    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let mut child = spawn_caught_up(c, &db, &spec, &log, 60);
     c.psql(&db, "UPDATE orders SET status = 'before-ddl' WHERE id = 1")
         .unwrap();
     c.psql(&db, "ALTER TABLE orders ADD COLUMN priority int")
@@ -363,8 +350,7 @@ fn source_truncate_mid_run_pauses_and_abort_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "trunc_mid", &c.url(&db), 100);
     let log = dir.path().join("run.log");
-    let mut child = spawn_run(&spec, &log);
-    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let mut child = spawn_caught_up(c, &db, &spec, &log, 60);
     c.psql(&db, "TRUNCATE orders").unwrap();
     let st = wait_exit(&mut child, Duration::from_secs(30)).expect("run did not pause");
     assert_eq!(st.code(), Some(3));
@@ -397,8 +383,7 @@ fn a_source_restart_during_streaming_is_survived() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "restart_mid", &c.url(&db), 200);
     let log = dir.path().join("run.log");
-    let mut child = spawn_run(&spec, &log);
-    assert!(wait_equal(&c, &db, Duration::from_secs(60)));
+    let mut child = spawn_caught_up(&c, &db, &spec, &log, 60);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (url, stop2) = (c.url(&db), stop.clone());
@@ -467,12 +452,7 @@ fn a_source_transaction_larger_than_a_batch_is_applied_whole() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "large_txn", &c.url(&db), 5000);
     let log = dir.path().join("run.log");
-    let mut child = spawn_run(&spec, &log);
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(120)),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let mut child = spawn_caught_up(c, &db, &spec, &log, 120);
     // One transaction of 50,000 changes (more than a 20,000-change batch): updates, inserts,
     // key changes and deletes.
     c.psql(
@@ -597,11 +577,7 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
     let out = shadowmig(&["pause", spec.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     std::thread::sleep(Duration::from_millis(1500));
     let a = status_json(&spec);
     std::thread::sleep(Duration::from_millis(1500));
@@ -631,11 +607,7 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
     ])
     .output()
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let bad = shadowmig(&["throttle", spec.to_str().unwrap(), "--workers", "0"])
         .output()
         .unwrap();
@@ -873,12 +845,7 @@ fn the_slot_advances_during_backfill_and_while_idle() {
     text.push_str("[throttle]\nmax_lag_bytes = 4000000\n");
     std::fs::write(&spec, text).unwrap();
     let log = dir.path().join("run.log");
-    let mut child = spawn_run(&spec, &log);
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(120)),
-        "backfill stalled:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let mut child = spawn_caught_up(c, &db, &spec, &log, 120);
     // Idle source table; WAL written elsewhere. The slot must follow.
     c.psql(
         &db,
@@ -914,8 +881,7 @@ fn a_busy_stream_does_not_hold_changes_back() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "busy_stream", &c.url(&db), 1000);
     let log = dir.path().join("run.log");
-    let mut child = spawn_run(&spec, &log);
-    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    let mut child = spawn_caught_up(c, &db, &spec, &log, 60);
     let stop = Arc::new(AtomicBool::new(false));
     let (url, stop2) = (c.url(&db), stop.clone());
     let flood = std::thread::spawn(move || {
@@ -1079,6 +1045,24 @@ fn wait_backfill_started(spec: &Path) {
     {
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Starts `run` and waits (up to `secs`) until the target equals transform(source); on a
+/// timeout, panics with the run's log.
+fn spawn_caught_up(
+    c: &TestCluster,
+    db: &str,
+    spec: &Path,
+    log: &Path,
+    secs: u64,
+) -> std::process::Child {
+    let child = spawn_run(spec, log);
+    assert!(
+        wait_equal(c, db, Duration::from_secs(secs)),
+        "run did not catch up:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    child
 }
 
 fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {

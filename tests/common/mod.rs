@@ -313,16 +313,21 @@ pub fn wait_equal(
     false
 }
 
-/// `shadowmig status SPEC --json`, parsed.
-pub fn status_json(spec: &std::path::Path) -> serde_json::Value {
-    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
+/// Asserts that a finished command exited 0, showing its stderr otherwise.
+pub fn assert_ok(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `shadowmig status SPEC --json`, parsed.
+pub fn status_json(spec: &std::path::Path) -> serde_json::Value {
+    let out = shadowmig(&["status", spec.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
