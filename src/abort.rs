@@ -34,7 +34,7 @@ pub async fn abort(spec: &Spec) -> Result<Vec<String>, AbortError> {
     for attempt in 0..50 {
         let row = src
             .query_opt(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
                 &[&slot],
             )
             .await
@@ -73,9 +73,14 @@ pub async fn abort(spec: &Spec) -> Result<Vec<String>, AbortError> {
         }
     }
     let pubname = spec.publication_name();
-    let (_, have_pub) = catalog::slot_and_publication_exist(&src, &slot, &pubname)
+    let (slot_where, have_pub) = catalog::slot_and_publication_exist(&src, &slot, &pubname)
         .await
         .map_err(|e| AbortError(e.to_string()))?;
+    if let catalog::SlotPresence::OtherDatabase(other) = slot_where {
+        done.push(format!(
+            "left replication slot {slot} alone: it belongs to database {other:?}, not to this migration's source"
+        ));
+    }
     if have_pub {
         src.batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {}",

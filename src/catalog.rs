@@ -581,21 +581,49 @@ pub async fn replication_usage(c: &impl GenericClient) -> Result<ReplicationUsag
     })
 }
 
-/// Whether a replication slot and a publication of these names exist.
+/// Where a replication slot of a given name is. Slot names are cluster-wide while a logical
+/// slot belongs to one database, so a slot of our name may be another database's migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotPresence {
+    /// No slot of that name.
+    Absent,
+    /// A slot of that name in the connected database.
+    Here,
+    /// A slot of that name in another database (named): not ours, never to be used or dropped.
+    OtherDatabase(String),
+}
+
+impl SlotPresence {
+    /// Whether the slot is in the connected database.
+    pub fn here(&self) -> bool {
+        matches!(self, SlotPresence::Here)
+    }
+}
+
+/// Where the slot of this name is, and whether the publication exists (in this database).
 pub async fn slot_and_publication_exist(
     c: &impl GenericClient,
     slot: &str,
     publication: &str,
-) -> Result<(bool, bool), CatalogError> {
+) -> Result<(SlotPresence, bool), CatalogError> {
     let row = c
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1),
+            "SELECT (SELECT coalesce(database::text, '(a physical slot)')
+                     FROM pg_replication_slots WHERE slot_name = $1),
+                    current_database()::text,
                     EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $2)",
             &[&slot, &publication],
         )
         .await
         .map_err(q("slot and publication"))?;
-    Ok((col(&row, 0)?, col(&row, 1)?))
+    let slot_db: Option<String> = col(&row, 0)?;
+    let here: String = col(&row, 1)?;
+    let presence = match slot_db {
+        None => SlotPresence::Absent,
+        Some(d) if d == here => SlotPresence::Here,
+        Some(d) => SlotPresence::OtherDatabase(d),
+    };
+    Ok((presence, col(&row, 2)?))
 }
 
 /// The connected role's attributes.

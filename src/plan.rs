@@ -259,7 +259,16 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     let (own_slot, _) =
         catalog::slot_and_publication_exist(&src, &spec.slot_name(), &spec.publication_name())
             .await?;
-    if own_slot {
+    if let catalog::SlotPresence::OtherDatabase(other) = &own_slot {
+        ck.fail(
+            SLOTS,
+            format!(
+                "a replication slot named {} exists in database {other:?}, not in the source database (slot names are cluster-wide)",
+                spec.slot_name()
+            ),
+            "give this migration another `name` in the spec, or abort the migration that owns that slot",
+        );
+    } else if own_slot.here() {
         ck.ok(
             SLOTS,
             format!(
@@ -313,6 +322,7 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     let (slot_exists, pub_exists) =
         catalog::slot_and_publication_exist(&src, &spec.slot_name(), &spec.publication_name())
             .await?;
+    let slot_exists = slot_exists.here();
     if slot_exists || pub_exists {
         let which: Vec<String> = [
             slot_exists.then(|| format!("replication slot {}", spec.slot_name())),

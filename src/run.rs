@@ -547,7 +547,14 @@ pub async fn set_up(
         tracing::info!(publication = %pubname, "created the publication");
     }
 
-    if !have_slot {
+    if let catalog::SlotPresence::OtherDatabase(other) = &have_slot {
+        return Err(RunError::Setup(format!(
+            "a replication slot named {slot} already exists in database {other:?}, not in the source database: \
+             slot names are cluster-wide, so another migration of the same name holds it; \
+             give this migration another `name` in the spec (or abort the other one)"
+        )));
+    }
+    if !have_slot.here() {
         let mut repl = ReplicationClient::connect_config(spec.source.url.config())
             .await
             .map_err(|e| repl_err("opening a replication connection", e))?;
@@ -1233,7 +1240,7 @@ async fn run_once(
             if let Ok(row) = src
                 .query_one(
                     "SELECT coalesce((SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
-                     FROM pg_replication_slots WHERE slot_name = $1), 0)",
+                     FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()), 0)",
                     &[&spec.slot_name()],
                 )
                 .await
@@ -1969,7 +1976,7 @@ async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<S
         .query_opt(
             "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, \
                     (SELECT max(pg_current_wal_lsn() - replay_lsn)::int8 FROM pg_stat_replication WHERE replay_lsn IS NOT NULL) \
-             FROM pg_replication_slots WHERE slot_name = $1",
+             FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
             &[&spec.slot_name()],
         )
         .await

@@ -217,7 +217,7 @@ pub async fn gather(spec: &Spec) -> Result<Status, StatusError> {
             "SELECT active, (pg_current_wal_lsn() - restart_lsn)::int8, wal_status, confirmed_flush_lsn::text, \
                     pg_current_wal_lsn()::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
                     (SELECT setting::int8 FROM pg_settings WHERE name = 'max_slot_wal_keep_size') \
-             FROM pg_replication_slots WHERE slot_name = $1",
+             FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
             &[&spec.slot_name()],
         )
         .await

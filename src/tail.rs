@@ -443,7 +443,7 @@ pub async fn run_tail<W: std::io::Write>(
         Some(name) => {
             let plugin: Option<Option<String>> = client
                 .query_opt(
-                    "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
                     &[name],
                 )
                 .await

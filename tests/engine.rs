@@ -259,6 +259,52 @@ fn sigterm_commits_and_exits_0_then_status_and_abort_leave_nothing() {
     assert!(out.status.success());
 }
 
+/// Slot names are cluster-wide: a slot of this migration's name in another database belongs to
+/// someone else. `run` refuses with the reason and the fix, and `abort` leaves it alone.
+#[test]
+fn a_same_named_slot_in_another_database_is_refused_and_left_alone() {
+    let (c, db) = testpg::fresh_db("engine_foreign_slot").unwrap();
+    let other = c.create_database("engine_foreign_slot_other").unwrap();
+    setup(c, &db, 50);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "foreign_slot", &c.url(&db), 100);
+    c.psql(
+        &other,
+        "SELECT pg_create_logical_replication_slot('shadowmig_foreign_slot', 'pgoutput')",
+    )
+    .unwrap();
+    let out = shadowmig(&["run", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&other) && err.contains("`name`"), "{err}");
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("left replication slot shadowmig_foreign_slot alone"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        c.psql(
+            &other,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'shadowmig_foreign_slot' AND database = current_database()"
+        )
+        .unwrap(),
+        "1",
+        "another database's slot must survive"
+    );
+    c.psql(
+        &other,
+        "SELECT pg_drop_replication_slot('shadowmig_foreign_slot')",
+    )
+    .unwrap();
+}
+
 #[test]
 fn abort_stops_a_running_migration_and_frees_the_slot() {
     let (c, db) = testpg::fresh_db("engine_abort_live").unwrap();

@@ -910,3 +910,55 @@ async fn a_select_only_role_verifies_without_writing_anything() {
     assert_eq!(fingerprint(c), before);
     assert!(before.ends_with(":0"), "no shadowmig schema: {before}");
 }
+
+/// Slot names are cluster-wide, a logical slot belongs to one database. A slot of this
+/// migration's name in *another* database (another migration, or another test of this binary)
+/// must not make verify think apply streams into this pair: it would wait for a progress that
+/// never comes and report the keys as unsettled (a CI failure of the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_named_slot_in_another_database_is_not_ours() {
+    let (c, db) = testpg::fresh_db("verify_foreign_slot").unwrap();
+    let other = c.create_database("verify_foreign_slot_other").unwrap();
+    orders_setup(c, &db, 200);
+    let name = "orders_foreign_slot";
+    let spec = Spec::parse(
+        &spec_text(
+            name,
+            &c.url(&db),
+            "public.orders",
+            &c.url(&db),
+            "public.orders_v2",
+            ORDERS_TRANSFORMS,
+        ),
+        "test.toml",
+    )
+    .unwrap();
+    let slot = spec.slot_name();
+    c.psql(
+        &other,
+        &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+    )
+    .unwrap();
+    c.psql(
+        &db,
+        "UPDATE public.orders_v2 SET status = 'corrupt' WHERE id = (SELECT min(id) FROM public.orders_v2)",
+    )
+    .unwrap();
+    let o = VerifyOptions {
+        settle_timeout: Duration::from_secs(3),
+        ..opts()
+    };
+    let started = std::time::Instant::now();
+    let r = run(&spec, &o).await;
+    c.psql(
+        &other,
+        &format!("SELECT pg_drop_replication_slot('{slot}')"),
+    )
+    .unwrap();
+    assert!(r.unsettled.is_empty(), "{}", r.render());
+    assert_eq!(r.differences.len(), 1, "{}", r.render());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "verify waited for a slot that is not its own"
+    );
+}

@@ -63,7 +63,7 @@ async fn slot_confirmed(ctx: &VerifyContext) -> Result<Option<Option<Lsn>>, Veri
     let row = ctx
         .source
         .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
             &[&ctx.slot_name],
         )
         .await
