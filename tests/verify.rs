@@ -43,9 +43,16 @@ fn toml_key(k: &str) -> String {
 }
 
 fn orders_spec(c: &TestCluster, db: &str, tgt_db: &str) -> Spec {
+    orders_spec_named(c, db, tgt_db, "orders_verify")
+}
+
+/// [`orders_spec`] under another migration name. A test that creates the migration's slot
+/// needs a name of its own: slot names are cluster-wide, and the tests of this binary share
+/// one cluster.
+fn orders_spec_named(c: &TestCluster, db: &str, tgt_db: &str, name: &str) -> Spec {
     Spec::parse(
         &spec_text(
-            "orders_verify",
+            name,
             &c.url(db),
             "public.orders",
             &c.url(tgt_db),
@@ -506,10 +513,10 @@ async fn no_false_positive_across_databases_while_a_lagging_apply_streams() {
         &tgt_db,
         "CREATE SCHEMA shadowmig;
          CREATE TABLE shadowmig.progress (migration text, direction text, lsn pg_lsn, PRIMARY KEY (migration, direction));
-         INSERT INTO shadowmig.progress VALUES ('orders_verify', 'forward', '0/0');",
+         INSERT INTO shadowmig.progress VALUES ('orders_verify_stream', 'forward', '0/0');",
     )
     .unwrap();
-    let spec = orders_spec(c, &src_db, &tgt_db);
+    let spec = orders_spec_named(c, &src_db, &tgt_db, "orders_verify_stream");
     // The slot makes verify treat the pair as streaming: it must wait for apply's progress.
     let slot = spec.slot_name();
     c.psql(
@@ -525,7 +532,9 @@ async fn no_false_positive_across_databases_while_a_lagging_apply_streams() {
     );
     let sm = stop_mirror.clone();
     let mirror =
-        tokio::spawn(async move { lagging_mirror(&mut ms, &mut mt, "orders_verify", sm).await });
+        tokio::spawn(
+            async move { lagging_mirror(&mut ms, &mut mt, "orders_verify_stream", sm).await },
+        );
     let stop = Arc::new(AtomicBool::new(false));
     let mut wl_client = c.client(&src_db).await.unwrap();
     let wl_stop = stop.clone();
@@ -642,7 +651,7 @@ async fn an_interrupted_run_continues_from_its_frontier() {
 async fn recheck_waits_for_apply_to_pass_the_read_position() {
     let (c, db) = testpg::fresh_db("verify_lsn").unwrap();
     orders_setup(c, &db, 200);
-    let spec = orders_spec(c, &db, &db);
+    let spec = orders_spec_named(c, &db, &db, "orders_verify_lsn");
     let slot = spec.slot_name();
     c.psql(
         &db,
@@ -653,7 +662,7 @@ async fn recheck_waits_for_apply_to_pass_the_read_position() {
         &db,
         "CREATE SCHEMA shadowmig;
          CREATE TABLE shadowmig.progress (migration text, direction text, lsn pg_lsn, PRIMARY KEY (migration, direction));
-         INSERT INTO shadowmig.progress VALUES ('orders_verify', 'forward', '0/1');
+         INSERT INTO shadowmig.progress VALUES ('orders_verify_lsn', 'forward', '0/1');
          UPDATE public.orders_v2 SET status = 'stale' WHERE id = 9;",
     )
     .unwrap();
