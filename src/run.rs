@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_postgres::Client;
 
 use crate::apply::bulk::{BulkPool, BulkTarget};
+use crate::apply::coalesce::Coalescer;
 use crate::apply::{
     ApplyTarget, ApplyWriter, Change, ProgressKey, SourceChange, SourceColumn, TargetColumn,
 };
@@ -41,19 +42,31 @@ use crate::state::{self, ChunkProgress, Direction};
 /// The prefix of shadowmig's logical messages (watermarks and sync markers).
 pub const MESSAGE_PREFIX: &str = "shadowmig";
 
+/// Read-ahead events beyond which `run` counts itself behind the source (see
+/// [`RunOptions::batch_max_delay`]).
+const BACKLOG_QUEUED: usize = 4096;
+
 /// How `run` behaves beyond the spec.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Exit 0 once the backfill is done and apply has caught up with the source (for scripts
     /// and tests); otherwise run until stopped.
     pub exit_when_caught_up: bool,
-    /// Flush a batch once it holds this many changes (at a transaction boundary).
+    /// A source transaction with more changes than this is spilled to disk until its commit
+    /// and then applied in parts of at most `batch_rows` rows within one target transaction.
     pub batch_changes: usize,
+    /// Flush a batch (at a transaction boundary) once its net effect touches this many rows.
+    /// A batch holds net rows, not changes (a key changed many times costs one row), so under
+    /// a backlog a large batch coalesces away much of the work.
+    pub batch_rows: usize,
+    /// ... or once its net rows take this many bytes of memory.
+    pub batch_bytes: usize,
     /// Flush a non-empty batch when the stream has been quiet this long.
     pub batch_idle: Duration,
     /// Flush a non-empty batch at the next transaction boundary once it is this old, however
     /// busy the stream: a steady trickle of messages (other tables' transactions, or the
     /// keepalives a walsender sends while it waits to shut down) must not hold changes back.
+    /// While the read-ahead holds a backlog, 8× this.
     pub batch_max_delay: Duration,
 }
 
@@ -62,6 +75,8 @@ impl Default for RunOptions {
         RunOptions {
             exit_when_caught_up: false,
             batch_changes: 20_000,
+            batch_rows: 250_000,
+            batch_bytes: 64 << 20,
             batch_idle: Duration::from_millis(20),
             batch_max_delay: Duration::from_millis(250),
         }
@@ -801,7 +816,10 @@ struct Applier<'a> {
     prepared: &'a Prepared,
     tgt: Client,
     writer: ApplyWriter,
-    batch: Vec<SourceChange>,
+    /// The batch's net effect so far (complete source transactions only).
+    batch: Coalescer,
+    /// When the batch's changes were coalesced, in total (for the writer's debug line).
+    batch_coalesce_time: Duration,
     batch_lsn: Option<Lsn>,
     /// When the first change of the batch was added.
     batch_started: Option<Instant>,
@@ -828,10 +846,25 @@ struct Applier<'a> {
 }
 
 impl Applier<'_> {
-    fn push(&mut self, lsn: Lsn, change: Change) {
-        self.batch.push(SourceChange { lsn, change });
+    fn push(&mut self, lsn: Lsn, change: Change) -> Result<(), RunError> {
+        // Offered before the commit: the sampler compares only after apply has passed the
+        // LSN it read the source at, so it never sees the batch half-applied.
+        if let Some(s) = self.sampler.as_mut() {
+            s.offer_change(&change);
+        }
+        let t = Instant::now();
+        self.batch
+            .push(SourceChange { lsn, change })
+            .map_err(|e| apply_err("coalescing a batch", e.into()))?;
+        self.batch_coalesce_time += t.elapsed();
         self.batch_lsn = Some(lsn);
         self.batch_started.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Whether the batch is big enough to be flushed at this transaction boundary.
+    fn full(&self, opts: &RunOptions) -> bool {
+        self.batch.net_rows() >= opts.batch_rows || self.batch.bytes() >= opts.batch_bytes
     }
 
     /// Waits until every bulk chunk handed in is committed.
@@ -875,9 +908,12 @@ impl Applier<'_> {
             .transaction()
             .await
             .map_err(|e| pg_err("starting a batch", e))?;
+        let n = self.batch.changes() as i64;
+        let net = self.batch.finish();
+        let coalesce_time = std::mem::take(&mut self.batch_coalesce_time);
         let stats = self
             .writer
-            .write_batch(&tx, &self.batch, lsn)
+            .write_net(&tx, net, n as usize, lsn, coalesce_time)
             .await
             .map_err(|e| apply_err("applying a batch", e))?;
         if let Some(c) = self.batch_copy.as_ref() {
@@ -894,7 +930,6 @@ impl Applier<'_> {
             .map_err(|e| pg_err("clearing a re-read", e))?;
         }
         let rereads = record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?;
-        let n = self.batch.len() as i64;
         tx.execute("UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1", &[name, &n])
             .await
             .map_err(|e| pg_err("counting applied changes", e))?;
@@ -903,9 +938,6 @@ impl Applier<'_> {
             .map_err(|e| pg_err("committing a batch", e))?;
         self.writer.batch_committed();
         stream.confirm(lsn.max(self.position));
-        if let Some(s) = self.sampler.as_mut() {
-            s.offer(&self.batch);
-        }
         tracing::debug!(%lsn, changes = n, copied = self.batch_copied, "batch committed");
         self.applied += n as u64;
         metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
@@ -918,7 +950,6 @@ impl Applier<'_> {
                 .record(commit_age(ts, received).as_secs_f64());
         }
         self.batch_copied = 0;
-        self.batch.clear();
         self.batch_lsn = None;
         self.batch_started = None;
         self.batch_copy = None;
@@ -930,15 +961,16 @@ impl Applier<'_> {
 
 impl Applier<'_> {
     /// Applies one source transaction too large for a batch: its spilled changes and the
-    /// in-memory rest, in parts of `part` changes, all in one target transaction with the
-    /// progress (the target never shows part of a source transaction), then confirms it.
+    /// in-memory rest, coalesced in parts of at most `opts.batch_rows` net rows (or
+    /// `opts.batch_bytes`), all in one target transaction with the progress (the target never
+    /// shows part of a source transaction), then confirms it.
     async fn apply_large(
         &mut self,
         stream: &crate::replication::LogicalStream,
         spill: Spill,
         rest: Vec<Change>,
         lsn: Lsn,
-        part: usize,
+        opts: &RunOptions,
     ) -> Result<(), RunError> {
         // Chunks handed in before this transaction must be in first (see `flush`).
         self.settle().await?;
@@ -958,33 +990,44 @@ impl Applier<'_> {
             .map_err(|e| pg_err("starting a large transaction", e))?;
         let mut rest = Some(rest);
         let mut rereads = Vec::new();
-        loop {
+        let mut net = self
+            .writer
+            .new_batch()
+            .map_err(|e| apply_err("applying a large transaction", e))?;
+        let mut done = false;
+        while !done {
             let changes = reader
-                .next_batch(part)
+                .next_batch(opts.batch_changes)
                 .map_err(|e| RunError::Fatal(e.to_string()))?;
             let changes = if changes.is_empty() {
                 match rest.take() {
                     Some(r) if !r.is_empty() => r,
-                    _ => break,
+                    _ => {
+                        done = true;
+                        Vec::new()
+                    }
                 }
             } else {
                 changes
             };
-            let part: Vec<SourceChange> = changes
-                .into_iter()
-                .map(|change| SourceChange { lsn, change })
-                .collect();
-            let stats = self
-                .writer
-                .write_batch(&tx, &part, lsn)
-                .await
-                .map_err(|e| apply_err("applying a large transaction", e))?;
-            // Offered before the commit: the sampler compares only after apply has passed
-            // the LSN it read the source at, so it never sees the part-applied state.
-            if let Some(s) = self.sampler.as_mut() {
-                s.offer(&part);
+            for change in changes {
+                // Offered before the commit: the sampler compares only after apply has passed
+                // the LSN it read the source at, so it never sees the part-applied state.
+                if let Some(s) = self.sampler.as_mut() {
+                    s.offer_change(&change);
+                }
+                net.push(SourceChange { lsn, change })
+                    .map_err(|e| apply_err("coalescing a large transaction", e.into()))?;
+                if net.net_rows() >= opts.batch_rows || net.bytes() >= opts.batch_bytes {
+                    let part =
+                        write_part(&mut self.writer, self.prepared, name, &tx, &mut net, lsn);
+                    rereads.extend(part.await?);
+                }
             }
-            rereads.extend(record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?);
+        }
+        if !net.is_empty() {
+            let part = write_part(&mut self.writer, self.prepared, name, &tx, &mut net, lsn);
+            rereads.extend(part.await?);
         }
         tx.execute(
             "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
@@ -1154,12 +1197,16 @@ async fn run_once(
         });
     }
 
+    let batch = writer
+        .new_batch()
+        .map_err(|e| apply_err("preparing apply", e))?;
     let mut ap = Applier {
         spec,
         prepared: &prepared,
         tgt,
         writer,
-        batch: Vec::new(),
+        batch,
+        batch_coalesce_time: Duration::ZERO,
         batch_lsn: None,
         batch_started: None,
         batch_copy: None,
@@ -1215,7 +1262,14 @@ async fn run_once(
             let _ = stream.shutdown().await;
             return Ok(Outcome::Stopped);
         }
-        if txn.is_none() && ap.due(opts.batch_max_delay) {
+        // Behind the source (the read-ahead holds a backlog), a batch may grow for longer:
+        // the changes are late anyway, and a larger batch coalesces away more of them.
+        let max_delay = if stream.queued() >= BACKLOG_QUEUED {
+            opts.batch_max_delay * 8
+        } else {
+            opts.batch_max_delay
+        };
+        if txn.is_none() && ap.due(max_delay) {
             ap.flush(&stream).await?;
             oldest_unapplied = None;
         }
@@ -1415,7 +1469,7 @@ async fn run_once(
                     // alone, in parts, inside one target transaction.
                     ap.flush(&stream).await?;
                     ap.batch_oldest = Some((t.commit_ts, t.received));
-                    ap.apply_large(&stream, spill, t.changes, end_lsn, opts.batch_changes)
+                    ap.apply_large(&stream, spill, t.changes, end_lsn, opts)
                         .await?;
                     oldest_unapplied = None;
                     continue;
@@ -1423,9 +1477,9 @@ async fn run_once(
                 oldest_unapplied.get_or_insert_with(Instant::now);
                 ap.batch_oldest.get_or_insert((t.commit_ts, t.received));
                 for change in t.changes {
-                    ap.push(end_lsn, change);
+                    ap.push(end_lsn, change)?;
                 }
-                if ap.batch.len() >= opts.batch_changes {
+                if ap.full(opts) {
                     ap.flush(&stream).await?;
                     oldest_unapplied = None;
                 }
@@ -1520,7 +1574,7 @@ async fn run_once(
                                         .key_of(&row)
                                         .map_err(|e| RunError::Fatal(e.to_string()))?;
                                     if !touched.contains(&k) {
-                                        ap.push(lsn, Change::Upsert { new: row });
+                                        ap.push(lsn, Change::Upsert { new: row })?;
                                         ap.batch_copied += 1;
                                         n += 1;
                                     }
@@ -1548,7 +1602,7 @@ async fn run_once(
                                         }
                                     }
                                 }
-                                if ap.batch.len() >= opts.batch_changes {
+                                if ap.full(opts) {
                                     ap.flush(&stream).await?;
                                     oldest_unapplied = None;
                                 }
@@ -1698,6 +1752,24 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Writes one coalesced part of a large source transaction into its open target transaction;
+/// the keys it recorded for a re-read.
+async fn write_part(
+    writer: &mut ApplyWriter,
+    prepared: &Prepared,
+    name: &str,
+    tx: &tokio_postgres::Transaction<'_>,
+    net: &mut Coalescer,
+    lsn: Lsn,
+) -> Result<Vec<KeyValue>, RunError> {
+    let n = net.changes();
+    let stats = writer
+        .write_net(tx, net.finish(), n, lsn, Duration::ZERO)
+        .await
+        .map_err(|e| apply_err("applying a large transaction", e))?;
+    record_rereads(tx, prepared, name, &stats.needs_reread).await
 }
 
 /// The identity key of a tuple (new row, or `K`/`O` old tuple), as binary values.

@@ -113,25 +113,30 @@ impl Sampler {
     /// `1 / sample_rate`-th change is taken (a deterministic stride, no randomness to pay
     /// for), and dropped when the sampler is behind. Never waits.
     pub fn offer(&mut self, changes: &[SourceChange]) {
+        for c in changes {
+            self.offer_change(&c.change);
+        }
+    }
+
+    /// [`Sampler::offer`] for one change.
+    pub fn offer_change(&mut self, change: &Change) {
         if self.rate <= 0.0 {
             return;
         }
-        for c in changes {
-            self.acc += self.rate;
-            if self.acc < 1.0 {
-                continue;
-            }
-            self.acc -= 1.0;
-            let tuples: [Option<&TupleData>; 2] = match &c.change {
-                Change::Upsert { new } => [Some(new), None],
-                Change::Delete { old } => [Some(old), None],
-                Change::KeyChange { old, new, .. } => [Some(old), Some(new)],
-            };
-            for t in tuples.into_iter().flatten() {
-                if let Some(k) = self.key_of(t) {
-                    // Full or closed: the sample is dropped, apply goes on.
-                    let _ = self.tx.try_send(k);
-                }
+        self.acc += self.rate;
+        if self.acc < 1.0 {
+            return;
+        }
+        self.acc -= 1.0;
+        let tuples: [Option<&TupleData>; 2] = match change {
+            Change::Upsert { new } => [Some(new), None],
+            Change::Delete { old } => [Some(old), None],
+            Change::KeyChange { old, new, .. } => [Some(old), Some(new)],
+        };
+        for t in tuples.into_iter().flatten() {
+            if let Some(k) = self.key_of(t) {
+                // Full or closed: the sample is dropped, apply goes on.
+                let _ = self.tx.try_send(k);
             }
         }
     }

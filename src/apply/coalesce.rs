@@ -97,6 +97,16 @@ pub enum CoalesceError {
         /// Source column index.
         column: usize,
     },
+    /// A change arrived with a commit LSN below the previous change's.
+    #[error("change #{index}: commit LSN {lsn} is below the previous change's {previous}: changes out of stream order")]
+    OutOfOrder {
+        /// Position of the change in the batch.
+        index: usize,
+        /// Its commit LSN.
+        lsn: Lsn,
+        /// The previous change's commit LSN.
+        previous: Lsn,
+    },
     /// The source table has no identity column, so changes cannot be matched to rows.
     #[error("the source table has no identity column; set a primary key or replica identity")]
     NoIdentity,
@@ -140,17 +150,6 @@ fn take_before(
     }
 }
 
-/// Sets `key`'s net state; a key keeps the position of its first change (output order).
-fn put(index: &mut HashMap<Key, usize>, slots: &mut Vec<Net>, key: Key, value: Net) {
-    match index.get(&key) {
-        Some(&i) => slots[i] = value,
-        None => {
-            index.insert(key, slots.len());
-            slots.push(value);
-        }
-    }
-}
-
 /// Coalesces `changes` (in stream order) to their net effect per identity key.
 ///
 /// `identity[i]` says whether source column `i` belongs to the identity key; `identity.len()`
@@ -158,29 +157,112 @@ fn put(index: &mut HashMap<Key, usize>, slots: &mut Vec<Net>, key: Key, value: N
 /// take the value of the same row's earlier image in the batch (for a key change: the old
 /// identity's earlier image, or the old tuple itself when it is a whole `O` row).
 pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced, CoalesceError> {
-    if !identity.iter().any(|&b| b) {
-        return Err(CoalesceError::NoIdentity);
+    let mut c = Coalescer::new(identity)?;
+    for sc in changes {
+        c.push(sc.clone())?;
     }
-    let ncols = identity.len();
-    // Net state per key in slots, in order of each key's first change: one hash lookup per
-    // change and no key or row copies (coalescing was ~14 % of a batch's time).
-    let mut index: HashMap<Key, usize> = HashMap::with_capacity(changes.len());
-    let mut slots: Vec<Net> = Vec::with_capacity(changes.len());
-    let mut last_lsn = None;
+    Ok(c.finish())
+}
 
-    let check = |index: usize, t: &TupleData| -> Result<(), CoalesceError> {
-        if t.0.len() != ncols {
+/// [`coalesce`], one change at a time: what a batch holds is its net effect, never the changes
+/// themselves, so its memory grows with the keys it touches (tracked by [`Coalescer::bytes`])
+/// and a hot key updated a thousand times costs one row, both here and in the target.
+#[derive(Default)]
+pub struct Coalescer {
+    identity: Vec<bool>,
+    /// Net state per key in slots, in order of each key's first change: one hash lookup per
+    /// change and no key or row copies (coalescing was ~14 % of a batch's time).
+    index: HashMap<Key, usize>,
+    slots: Vec<Net>,
+    /// Approximate heap bytes of each slot (its tuples) and of its key.
+    slot_bytes: Vec<usize>,
+    bytes: usize,
+    changes: usize,
+    last_lsn: Option<Lsn>,
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer")
+            .field("changes", &self.changes)
+            .field("net_rows", &self.slots.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+/// Approximate heap size of a tuple: the column vector and the bytes its values hold.
+fn tuple_bytes(t: &TupleData) -> usize {
+    const PER_ROW: usize = 64;
+    const PER_COLUMN: usize = std::mem::size_of::<TupleValue>();
+    PER_ROW
+        + t.0
+            .iter()
+            .map(|v| {
+                PER_COLUMN
+                    + match v {
+                        TupleValue::Text(b) | TupleValue::Binary(b) => b.len(),
+                        _ => 0,
+                    }
+            })
+            .sum::<usize>()
+}
+
+fn net_bytes(n: &Net) -> usize {
+    match n {
+        Net::Upserted { image, deleted } => {
+            tuple_bytes(image) + deleted.as_ref().map_or(0, tuple_bytes)
+        }
+        Net::Deleted(t) => tuple_bytes(t),
+    }
+}
+
+impl Coalescer {
+    /// An empty batch for a source table whose identity columns are `identity`.
+    pub fn new(identity: &[bool]) -> Result<Self, CoalesceError> {
+        if !identity.iter().any(|&b| b) {
+            return Err(CoalesceError::NoIdentity);
+        }
+        Ok(Coalescer {
+            identity: identity.to_vec(),
+            ..Coalescer::default()
+        })
+    }
+
+    /// Changes pushed since the last [`Coalescer::finish`].
+    pub fn changes(&self) -> usize {
+        self.changes
+    }
+
+    /// Distinct identity keys touched: the rows the batch will write or delete.
+    pub fn net_rows(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Approximate heap bytes the batch holds (what a memory budget compares against).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// True when nothing was pushed since the last [`Coalescer::finish`].
+    pub fn is_empty(&self) -> bool {
+        self.changes == 0
+    }
+
+    fn check(&self, t: &TupleData) -> Result<(), CoalesceError> {
+        if t.0.len() != self.identity.len() {
             return Err(CoalesceError::ColumnCount {
-                index,
+                index: self.changes,
                 got: t.0.len(),
-                expected: ncols,
+                expected: self.identity.len(),
             });
         }
         Ok(())
-    };
-    let key_of = |index: usize, t: &TupleData| -> Result<Key, CoalesceError> {
+    }
+
+    fn key_of(&self, t: &TupleData) -> Result<Key, CoalesceError> {
         let mut k = Vec::with_capacity(4);
-        for (column, (v, &is_id)) in t.0.iter().zip(identity).enumerate() {
+        for (column, (v, &is_id)) in t.0.iter().zip(&self.identity).enumerate() {
             if !is_id {
                 continue;
             }
@@ -189,86 +271,124 @@ pub fn coalesce(identity: &[bool], changes: &[SourceChange]) -> Result<Coalesced
                 TupleValue::Text(b) => KeyPart::Text(b.clone()),
                 TupleValue::Binary(b) => KeyPart::Binary(b.clone()),
                 TupleValue::UnchangedToast => {
-                    return Err(CoalesceError::UnchangedKey { index, column })
+                    return Err(CoalesceError::UnchangedKey {
+                        index: self.changes,
+                        column,
+                    })
                 }
             });
         }
         Ok(k)
-    };
+    }
 
-    for (i, sc) in changes.iter().enumerate() {
-        last_lsn = Some(sc.lsn);
-        match &sc.change {
+    /// Sets `key`'s net state; a key keeps the position of its first change (output order).
+    fn put(&mut self, key: Key, value: Net) {
+        let b = net_bytes(&value);
+        match self.index.get(&key) {
+            Some(&i) => {
+                self.bytes = self.bytes - self.slot_bytes[i] + b;
+                self.slot_bytes[i] = b;
+                self.slots[i] = value;
+            }
+            None => {
+                let kb = 48
+                    + key.len() * std::mem::size_of::<KeyPart>()
+                    + key
+                        .iter()
+                        .map(|p| match p {
+                            KeyPart::Text(b) | KeyPart::Binary(b) => b.len(),
+                            KeyPart::Null => 0,
+                        })
+                        .sum::<usize>();
+                self.bytes += kb + b;
+                self.index.insert(key, self.slots.len());
+                self.slots.push(value);
+                // A key's bytes never change: they stay in the total, outside the slot's share.
+                self.slot_bytes.push(b);
+            }
+        }
+    }
+
+    /// Adds one change, in stream order (an LSN below the previous change's is refused).
+    pub fn push(&mut self, sc: SourceChange) -> Result<(), CoalesceError> {
+        if let Some(prev) = self.last_lsn.filter(|&p| sc.lsn < p) {
+            return Err(CoalesceError::OutOfOrder {
+                index: self.changes,
+                lsn: sc.lsn,
+                previous: prev,
+            });
+        }
+        match sc.change {
             Change::Upsert { new } => {
-                check(i, new)?;
-                let key = key_of(i, new)?;
-                let mut image = new.clone();
-                let (prev, deleted) = take_before(&index, &mut slots, &key);
+                self.check(&new)?;
+                let key = self.key_of(&new)?;
+                let mut image = new;
+                let (prev, deleted) = take_before(&self.index, &mut self.slots, &key);
                 if let Some(prev) = prev {
                     fill_unchanged(&mut image, &prev);
                 }
-                put(
-                    &mut index,
-                    &mut slots,
-                    key,
-                    Net::Upserted { image, deleted },
-                );
+                self.put(key, Net::Upserted { image, deleted });
             }
             Change::Delete { old } => {
-                check(i, old)?;
-                let key = key_of(i, old)?;
-                put(&mut index, &mut slots, key, Net::Deleted(old.clone()));
+                self.check(&old)?;
+                let key = self.key_of(&old)?;
+                self.put(key, Net::Deleted(old));
             }
             Change::KeyChange { old, old_kind, new } => {
-                check(i, old)?;
-                check(i, new)?;
-                let old_key = key_of(i, old)?;
-                let mut image = new.clone();
-                if let Some(&at) = index.get(&old_key) {
-                    if let Net::Upserted { image: prev, .. } = &slots[at] {
+                self.check(&old)?;
+                self.check(&new)?;
+                let old_key = self.key_of(&old)?;
+                let mut image = new;
+                if let Some(&at) = self.index.get(&old_key) {
+                    if let Net::Upserted { image: prev, .. } = &self.slots[at] {
                         fill_unchanged(&mut image, prev);
                     }
                 }
-                if *old_kind == OldKind::Full {
-                    fill_unchanged(&mut image, old);
+                if old_kind == OldKind::Full {
+                    fill_unchanged(&mut image, &old);
                 }
                 // After filling: an unchanged identity column takes the old row's value.
-                let new_key = key_of(i, &image)?;
+                let new_key = self.key_of(&image)?;
                 if old_key != new_key {
-                    put(&mut index, &mut slots, old_key, Net::Deleted(old.clone()));
+                    self.put(old_key, Net::Deleted(old));
                 }
-                let deleted = take_before(&index, &mut slots, &new_key).1;
-                put(
-                    &mut index,
-                    &mut slots,
-                    new_key,
-                    Net::Upserted { image, deleted },
-                );
+                let deleted = take_before(&self.index, &mut self.slots, &new_key).1;
+                self.put(new_key, Net::Upserted { image, deleted });
             }
         }
+        self.changes += 1;
+        self.last_lsn = Some(sc.lsn);
+        Ok(())
     }
 
-    let mut out = Coalesced {
-        last_lsn,
-        ..Coalesced::default()
-    };
-    for net in slots {
-        match net {
-            Net::Upserted { image, deleted } => {
-                // An image still missing values must not take them from a target row the
-                // batch deleted: delete that row first, so the writer finds none and has the
-                // key re-read.
-                if let Some(old) = deleted {
-                    if image.0.contains(&TupleValue::UnchangedToast) {
-                        out.deletes.push(old);
+    /// The net effect of everything pushed so far; the coalescer is empty again afterwards.
+    pub fn finish(&mut self) -> Coalesced {
+        let mut out = Coalesced {
+            last_lsn: self.last_lsn.take(),
+            ..Coalesced::default()
+        };
+        self.index.clear();
+        self.slot_bytes.clear();
+        self.bytes = 0;
+        self.changes = 0;
+        for net in std::mem::take(&mut self.slots) {
+            match net {
+                Net::Upserted { image, deleted } => {
+                    // An image still missing values must not take them from a target row the
+                    // batch deleted: delete that row first, so the writer finds none and has
+                    // the key re-read.
+                    if let Some(old) = deleted {
+                        if image.0.contains(&TupleValue::UnchangedToast) {
+                            out.deletes.push(old);
+                        }
                     }
+                    out.upserts.push(image)
                 }
-                out.upserts.push(image)
+                Net::Deleted(t) => out.deletes.push(t),
             }
-            Net::Deleted(t) => out.deletes.push(t),
         }
+        out
     }
-    Ok(out)
 }
 
 /// Replaces each unchanged-TOAST column of `image` by `earlier`'s value for it, when
@@ -540,6 +660,47 @@ mod tests {
         assert!(out.upserts.is_empty());
         assert_eq!(out.deletes.len(), 1);
         assert_eq!(out.last_lsn, Some(Lsn(7)));
+    }
+
+    #[test]
+    fn a_hot_key_costs_one_row_and_finish_empties_the_batch() {
+        let mut c = Coalescer::new(&IDENTITY).unwrap();
+        let row = |v: &str| TupleData(vec![t("a"), t("b"), t(v), t("x")]);
+        c.push(SourceChange {
+            lsn: Lsn(1),
+            change: Change::Upsert { new: row("0") },
+        })
+        .unwrap();
+        let one = c.bytes();
+        assert!(one > 0);
+        for i in 0..1000u64 {
+            c.push(SourceChange {
+                lsn: Lsn(2 + i),
+                change: Change::Upsert { new: row("1") },
+            })
+            .unwrap();
+        }
+        assert_eq!((c.changes(), c.net_rows(), c.bytes()), (1001, 1, one));
+        let err = c
+            .push(SourceChange {
+                lsn: Lsn(1),
+                change: Change::Upsert { new: row("2") },
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, CoalesceError::OutOfOrder { index: 1001, .. }),
+            "{err}"
+        );
+        let net = c.finish();
+        assert_eq!((net.upserts.len(), net.deletes.len()), (1, 0));
+        assert_eq!(net.last_lsn, Some(Lsn(1001)));
+        assert!(c.is_empty() && c.net_rows() == 0 && c.bytes() == 0);
+        c.push(SourceChange {
+            lsn: Lsn(1),
+            change: Change::Delete { old: row("0") },
+        })
+        .unwrap();
+        assert_eq!(c.net_rows(), 1);
     }
 
     #[test]

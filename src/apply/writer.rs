@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
 use tokio_postgres::{Client, Transaction};
 
-use super::coalesce::{coalesce, SourceChange};
+use super::coalesce::{coalesce, Coalesced, Coalescer, SourceChange};
 use super::sql::{self, Plan, StageKind, StageShape};
 use super::{ApplyError, ApplyTarget, ProgressKey};
 use crate::lsn::Lsn;
@@ -161,6 +161,12 @@ impl ApplyWriter {
         }
     }
 
+    /// An empty batch for this writer's source table, to be fed change by change and written
+    /// with [`ApplyWriter::write_net`].
+    pub fn new_batch(&self) -> Result<Coalescer, ApplyError> {
+        Ok(Coalescer::new(&self.plan.identity)?)
+    }
+
     /// Tells the writer that the caller committed a transaction [`ApplyWriter::write_batch`]
     /// wrote into, so the stage tables it created exist (otherwise they are re-created
     /// idempotently, which only costs a catalog lookup per batch).
@@ -198,12 +204,32 @@ impl ApplyWriter {
             )));
         }
         let net = coalesce(&self.plan.identity, changes)?;
-        // Where a batch's time goes, for the debug line at the end (benches/engine.rs).
         let coalesced = start.elapsed();
+        self.write_net(tx, net, changes.len(), lsn, coalesced).await
+    }
+
+    /// [`ApplyWriter::write_batch`] for a batch already coalesced (by a
+    /// [`crate::apply::coalesce::Coalescer`] fed as the changes arrived): `changes` is how many
+    /// changes it stands for, `coalesce_time` what coalescing took (for the debug line).
+    pub async fn write_net(
+        &mut self,
+        tx: &Transaction<'_>,
+        net: Coalesced,
+        changes: usize,
+        lsn: Lsn,
+        coalesce_time: Duration,
+    ) -> Result<ApplyStats, ApplyError> {
+        let start = Instant::now();
+        if let Some(last) = net.last_lsn.filter(|&l| l > lsn) {
+            return Err(ApplyError::InvalidBatch(format!(
+                "progress LSN {lsn} is below the batch's last change at {last}"
+            )));
+        }
+        let coalesced = coalesce_time;
         let mut load_time = Duration::ZERO;
         let mut sql_time = Duration::ZERO;
         let mut stats = ApplyStats {
-            changes: changes.len(),
+            changes,
             lsn,
             ..ApplyStats::default()
         };
@@ -283,7 +309,7 @@ impl ApplyWriter {
         }
 
         state::write_progress(tx, &self.progress.migration, self.progress.direction, lsn).await?;
-        stats.duration = start.elapsed();
+        stats.duration = start.elapsed() + coalesce_time;
         tracing::debug!(
             changes = stats.changes,
             net_rows = net.upserts.len() + net.deletes.len(),
