@@ -814,8 +814,13 @@ async fn run_stages(
 struct Applier<'a> {
     spec: &'a Spec,
     prepared: &'a Prepared,
-    tgt: Client,
-    writer: ApplyWriter,
+    /// The same, owned, for the flush task.
+    prepared_arc: Arc<Prepared>,
+    /// The apply connection and its writer; `None` while a flush task holds them.
+    conn: Option<(Client, ApplyWriter)>,
+    /// The batch being written on its own task while the loop reads and coalesces the next
+    /// (at most one: batches commit in stream order).
+    inflight: Option<tokio::task::JoinHandle<FlushDone>>,
     /// The batch's net effect so far (complete source transactions only).
     batch: Coalescer,
     /// When the batch's changes were coalesced, in total (for the writer's debug line).
@@ -888,75 +893,181 @@ impl Applier<'_> {
         self.batch_started.is_some_and(|t| t.elapsed() >= max_delay)
     }
 
+    /// True when the batch is empty and no batch is in flight: everything handed to the
+    /// applier has committed.
     fn is_empty(&self) -> bool {
-        self.batch_lsn.is_none()
+        self.batch_lsn.is_none() && self.inflight.is_none()
     }
 
-    /// Applies the batch in one target transaction with its progress, copy frontier and
-    /// re-read bookkeeping, then confirms its LSN to the slot.
+    /// Hands the batch to a task that applies it in one target transaction with its progress,
+    /// copy frontier and re-read bookkeeping, then confirms its LSN to the slot; returns once
+    /// the previous batch has committed (batches commit in order, one in flight). The loop
+    /// meanwhile reads and coalesces the next batch, so reading and writing overlap.
     async fn flush(&mut self, stream: &crate::replication::LogicalStream) -> Result<(), RunError> {
+        self.join().await?;
         let Some(lsn) = self.batch_lsn else {
             return Ok(());
         };
         // Bulk chunks handed in before this batch's later changes must be in first: a delete
         // or update would otherwise miss a row a chunk is still inserting.
         self.settle().await?;
-        let started = Instant::now();
-        let name = &self.spec.name;
-        let tx = self
-            .tgt
-            .transaction()
-            .await
-            .map_err(|e| pg_err("starting a batch", e))?;
+        let (mut tgt, mut writer) = self.take_conn()?;
         let n = self.batch.changes() as i64;
-        let net = self.batch.finish();
-        let coalesce_time = std::mem::take(&mut self.batch_coalesce_time);
-        let stats = self
-            .writer
-            .write_net(&tx, net, n as usize, lsn, coalesce_time)
-            .await
-            .map_err(|e| apply_err("applying a batch", e))?;
-        if let Some(c) = self.batch_copy.as_ref() {
-            state::write_copy_progress(&tx, name, &c.checkpoint())
-                .await
-                .map_err(|e| state_err("writing copy progress", e))?;
-        }
-        for k in &self.rereads_done {
-            tx.execute(
-                "DELETE FROM shadowmig.reread WHERE migration = $1 AND key = $2",
-                &[name, &hex_key(k)],
-            )
-            .await
-            .map_err(|e| pg_err("clearing a re-read", e))?;
-        }
-        let rereads = record_rereads(&tx, self.prepared, name, &stats.needs_reread).await?;
-        tx.execute("UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1", &[name, &n])
-            .await
-            .map_err(|e| pg_err("counting applied changes", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| pg_err("committing a batch", e))?;
-        self.writer.batch_committed();
-        stream.confirm(lsn.max(self.position));
-        tracing::debug!(%lsn, changes = n, copied = self.batch_copied, "batch committed");
-        self.applied += n as u64;
-        metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(self.batch_copied);
-        metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL)
-            .increment(n as u64 - self.batch_copied.min(n as u64));
-        metrics::histogram!(crate::metrics::BATCH_SIZE).record(n as f64);
-        metrics::histogram!(crate::metrics::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
-        if let Some((ts, received)) = self.batch_oldest.take() {
-            metrics::histogram!(crate::metrics::BATCH_LAG_SECONDS)
-                .record(commit_age(ts, received).as_secs_f64());
-        }
-        self.batch_copied = 0;
+        let job = FlushJob {
+            net: self.batch.finish(),
+            changes: n,
+            lsn,
+            coalesce_time: std::mem::take(&mut self.batch_coalesce_time),
+            copy_checkpoint: self.batch_copy.take().map(|c| c.checkpoint()),
+            rereads_done: std::mem::take(&mut self.rereads_done),
+            copied: std::mem::take(&mut self.batch_copied),
+            oldest: self.batch_oldest.take(),
+            confirm_to: lsn.max(self.position),
+            name: self.spec.name.clone(),
+            prepared: self.prepared_arc.clone(),
+            confirm: stream.confirm_handle(),
+        };
         self.batch_lsn = None;
         self.batch_started = None;
-        self.batch_copy = None;
-        self.rereads_done.clear();
+        self.applied += n as u64;
+        self.inflight = Some(tokio::spawn(async move {
+            let result = write_flush(&mut tgt, &mut writer, job).await;
+            FlushDone {
+                tgt,
+                writer,
+                result,
+            }
+        }));
+        Ok(())
+    }
+
+    /// [`Applier::flush`], then waits until the batch has committed and been confirmed.
+    async fn flush_sync(
+        &mut self,
+        stream: &crate::replication::LogicalStream,
+    ) -> Result<(), RunError> {
+        self.flush(stream).await?;
+        self.join().await
+    }
+
+    /// Waits for the batch in flight, if any, and takes back the apply connection.
+    async fn join(&mut self) -> Result<(), RunError> {
+        let Some(h) = self.inflight.take() else {
+            return Ok(());
+        };
+        let done = h
+            .await
+            .map_err(|e| RunError::Fatal(format!("the batch writer task failed: {e}")))?;
+        self.conn = Some((done.tgt, done.writer));
+        let rereads = done.result?;
         self.new_rereads.extend(rereads);
         Ok(())
     }
+
+    /// The apply connection and writer, which must not be in use by a flush (call
+    /// [`Applier::join`] first).
+    fn take_conn(&mut self) -> Result<(Client, ApplyWriter), RunError> {
+        self.conn.take().ok_or_else(|| {
+            RunError::Fatal("internal: the apply connection is held by a batch in flight".into())
+        })
+    }
+
+    /// The apply connection, once no batch is in flight.
+    async fn tgt(&mut self) -> Result<&Client, RunError> {
+        self.join().await?;
+        match self.conn.as_ref() {
+            Some((c, _)) => Ok(c),
+            None => Err(RunError::Fatal(
+                "internal: the apply connection is held by a batch in flight".into(),
+            )),
+        }
+    }
+
+    /// Whether the apply connection is known to be closed (not checked while a batch is in
+    /// flight: its own error reports that).
+    fn tgt_closed(&self) -> bool {
+        self.conn.as_ref().is_some_and(|(c, _)| c.is_closed())
+    }
+}
+
+/// What a flush task needs: a batch's net effect and the bookkeeping committed with it.
+struct FlushJob {
+    net: crate::apply::Coalesced,
+    changes: i64,
+    lsn: Lsn,
+    coalesce_time: Duration,
+    copy_checkpoint: Option<ChunkProgress>,
+    rereads_done: Vec<KeyValue>,
+    copied: u64,
+    oldest: Option<(PgTimestamp, Instant)>,
+    /// What to confirm to the slot once committed: the batch's LSN, or the stream position
+    /// the loop had passed when the batch was cut (everything before it is in the batch).
+    confirm_to: Lsn,
+    name: String,
+    prepared: Arc<Prepared>,
+    confirm: crate::replication::ConfirmHandle,
+}
+
+/// A flush task's end: the connection and writer it borrowed, and the keys to re-read.
+struct FlushDone {
+    tgt: Client,
+    writer: ApplyWriter,
+    result: Result<Vec<KeyValue>, RunError>,
+}
+
+/// Writes one batch in one target transaction and confirms it (the body of a flush task).
+async fn write_flush(
+    tgt: &mut Client,
+    writer: &mut ApplyWriter,
+    job: FlushJob,
+) -> Result<Vec<KeyValue>, RunError> {
+    let started = Instant::now();
+    let name = &job.name;
+    let n = job.changes;
+    let tx = tgt
+        .transaction()
+        .await
+        .map_err(|e| pg_err("starting a batch", e))?;
+    let stats = writer
+        .write_net(&tx, job.net, n as usize, job.lsn, job.coalesce_time)
+        .await
+        .map_err(|e| apply_err("applying a batch", e))?;
+    if let Some(c) = job.copy_checkpoint.as_ref() {
+        state::write_copy_progress(&tx, name, c)
+            .await
+            .map_err(|e| state_err("writing copy progress", e))?;
+    }
+    for k in &job.rereads_done {
+        tx.execute(
+            "DELETE FROM shadowmig.reread WHERE migration = $1 AND key = $2",
+            &[name, &hex_key(k)],
+        )
+        .await
+        .map_err(|e| pg_err("clearing a re-read", e))?;
+    }
+    let rereads = record_rereads(&tx, &job.prepared, name, &stats.needs_reread).await?;
+    tx.execute(
+        "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
+        &[name, &n],
+    )
+    .await
+    .map_err(|e| pg_err("counting applied changes", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| pg_err("committing a batch", e))?;
+    writer.batch_committed();
+    job.confirm.confirm(job.confirm_to);
+    tracing::debug!(lsn = %job.lsn, changes = n, copied = job.copied, "batch committed");
+    metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(job.copied);
+    metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL)
+        .increment(n as u64 - job.copied.min(n as u64));
+    metrics::histogram!(crate::metrics::BATCH_SIZE).record(n as f64);
+    metrics::histogram!(crate::metrics::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+    if let Some((ts, received)) = job.oldest {
+        metrics::histogram!(crate::metrics::BATCH_LAG_SECONDS)
+            .record(commit_age(ts, received).as_secs_f64());
+    }
+    Ok(rereads)
 }
 
 impl Applier<'_> {
@@ -972,8 +1083,29 @@ impl Applier<'_> {
         lsn: Lsn,
         opts: &RunOptions,
     ) -> Result<(), RunError> {
+        self.join().await?;
         // Chunks handed in before this transaction must be in first (see `flush`).
         self.settle().await?;
+        let (mut tgt, mut writer) = self.take_conn()?;
+        let r = self
+            .apply_large_on(&mut tgt, &mut writer, stream, spill, rest, lsn, opts)
+            .await;
+        self.conn = Some((tgt, writer));
+        r
+    }
+
+    /// [`Applier::apply_large`] on the apply connection, taken out of `self` meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_large_on(
+        &mut self,
+        tgt: &mut Client,
+        writer: &mut ApplyWriter,
+        stream: &crate::replication::LogicalStream,
+        spill: Spill,
+        rest: Vec<Change>,
+        lsn: Lsn,
+        opts: &RunOptions,
+    ) -> Result<(), RunError> {
         let total = spill.len() + rest.len() as u64;
         tracing::info!(
             changes = total,
@@ -983,15 +1115,13 @@ impl Applier<'_> {
             .into_reader()
             .map_err(|e| RunError::Fatal(e.to_string()))?;
         let name = &self.spec.name;
-        let tx = self
-            .tgt
+        let tx = tgt
             .transaction()
             .await
             .map_err(|e| pg_err("starting a large transaction", e))?;
         let mut rest = Some(rest);
         let mut rereads = Vec::new();
-        let mut net = self
-            .writer
+        let mut net = writer
             .new_batch()
             .map_err(|e| apply_err("applying a large transaction", e))?;
         let mut done = false;
@@ -1019,14 +1149,13 @@ impl Applier<'_> {
                 net.push(SourceChange { lsn, change })
                     .map_err(|e| apply_err("coalescing a large transaction", e.into()))?;
                 if net.net_rows() >= opts.batch_rows || net.bytes() >= opts.batch_bytes {
-                    let part =
-                        write_part(&mut self.writer, self.prepared, name, &tx, &mut net, lsn);
+                    let part = write_part(writer, self.prepared, name, &tx, &mut net, lsn);
                     rereads.extend(part.await?);
                 }
             }
         }
         if !net.is_empty() {
-            let part = write_part(&mut self.writer, self.prepared, name, &tx, &mut net, lsn);
+            let part = write_part(writer, self.prepared, name, &tx, &mut net, lsn);
             rereads.extend(part.await?);
         }
         tx.execute(
@@ -1038,7 +1167,7 @@ impl Applier<'_> {
         tx.commit()
             .await
             .map_err(|e| pg_err("committing a large transaction", e))?;
-        self.writer.batch_committed();
+        writer.batch_committed();
         stream.confirm(lsn.max(self.position));
         self.applied += total;
         metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(total);
@@ -1203,8 +1332,9 @@ async fn run_once(
     let mut ap = Applier {
         spec,
         prepared: &prepared,
-        tgt,
-        writer,
+        prepared_arc: Arc::new(prepared.clone()),
+        conn: Some((tgt, writer)),
+        inflight: None,
         batch,
         batch_coalesce_time: Duration::ZERO,
         batch_lsn: None,
@@ -1252,12 +1382,15 @@ async fn run_once(
         None
     };
 
+    // A batch may be in flight when the loop fails: it must finish (commit or fail) before a
+    // retry reads the progress, or its older images could land after the retry's newer ones.
+    let outcome: Result<Outcome, RunError> = async {
     loop {
         if *shutdown.borrow() {
             // Finish the current batch (complete transactions only) and the chunks handed to
             // the bulk writers, commit, confirm, exit.
             ap.settle().await?;
-            ap.flush(&stream).await?;
+            ap.flush_sync(&stream).await?;
             let _ = stream.send_status_now().await;
             let _ = stream.shutdown().await;
             return Ok(Outcome::Stopped);
@@ -1278,7 +1411,7 @@ async fn run_once(
             // A connection the server closed (a restart, an administrator) must tear the
             // pipeline down now: a walsender that is shutting down waits for us to confirm
             // everything it sent, which we cannot do without the target.
-            if ap.tgt.is_closed() || src.is_closed() || control.is_closed() {
+            if ap.tgt_closed() || src.is_closed() || control.is_closed() {
                 return Err(RunError::Connection(
                     "a connection to the source or target closed".into(),
                 ));
@@ -1342,7 +1475,7 @@ async fn run_once(
                 // A quiet stream: apply what is complete; once the backfill is done, ask the
                 // stream (with a marker) whether everything up to now has been applied.
                 if txn.is_none() && !ap.is_empty() {
-                    ap.flush(&stream).await?;
+                    ap.flush_sync(&stream).await?;
                     oldest_unapplied = None;
                 }
                 if txn.is_none() && ap.is_empty() {
@@ -1399,14 +1532,14 @@ async fn run_once(
             }
             LogicalMessage::Relation { body, .. } if body.oid == prepared.source_oid => {
                 if let Some(why) = shape_changed(&body, &prepared.source_columns) {
-                    ap.flush(&stream).await?;
+                    ap.flush_sync(&stream).await?;
                     let msg = format!(
                         "the source table {} changed shape mid-migration ({why}); shadowmig paused at LSN {last_end} and applied nothing after it. \
                          Make the target table and the spec's [transform] fit the new shape, then run `shadowmig run` again to go on — \
                          or `shadowmig abort` to undo the migration",
                         spec.source.table.quoted()
                     );
-                    return pause(&ap.tgt, spec, msg, stream).await;
+                    return pause(ap.tgt().await?, spec, msg, stream).await;
                 }
             }
             LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
@@ -1446,13 +1579,13 @@ async fn run_once(
             LogicalMessage::Truncate { relations, .. }
                 if relations.contains(&prepared.source_oid) =>
             {
-                ap.flush(&stream).await?;
+                ap.flush_sync(&stream).await?;
                 let msg = format!(
                     "the source table {} was TRUNCATEd mid-migration; shadowmig paused at LSN {last_end} without applying it (the shadow table still holds the old rows). \
                      The backfill must start over: run `shadowmig abort` and then `shadowmig run` again",
                     spec.source.table.quoted()
                 );
-                return pause(&ap.tgt, spec, msg, stream).await;
+                return pause(ap.tgt().await?, spec, msg, stream).await;
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 let Some(t) = txn.take() else { continue };
@@ -1530,6 +1663,12 @@ async fn run_once(
                             }
                             HighOutcome::Unknown => {}
                             HighOutcome::Apply { touched } => {
+                                if chunk.target_rows.is_some() {
+                                    // A batch in flight must commit before a bulk chunk is
+                                    // handed in: it may hold older images of rows the chunk
+                                    // read later.
+                                    ap.join().await?;
+                                }
                                 if let (Some(rows), Some(pool), Job::Range { id, hi, .. }) =
                                     (chunk.target_rows.as_ref(), ap.bulk.as_mut(), &chunk.job)
                                 {
@@ -1612,7 +1751,7 @@ async fn run_once(
                     "sync" if sync_sent == Some(id) => {
                         sync_sent = None;
                         if txn.is_none() && !ap.is_empty() {
-                            ap.flush(&stream).await?;
+                            ap.flush_sync(&stream).await?;
                             oldest_unapplied = None;
                         }
                         if txn.is_none() && ap.is_empty() {
@@ -1630,7 +1769,7 @@ async fn run_once(
                             if !caught_up_logged {
                                 caught_up_logged = true;
                                 tracing::info!(elapsed = ?started.elapsed(), rows_copied = copy_state.rows_copied, "caught up: backfill done and every change so far applied");
-                                let _ = ap.tgt.execute("UPDATE shadowmig.migrations SET caught_up_at = now() WHERE name = $1", &[&spec.name]).await;
+                                let _ = ap.tgt().await?.execute("UPDATE shadowmig.migrations SET caught_up_at = now() WHERE name = $1", &[&spec.name]).await;
                             }
                             if opts.exit_when_caught_up {
                                 stages.set(RunStage::CaughtUp);
@@ -1646,6 +1785,12 @@ async fn run_once(
             _ => {}
         }
     }
+    }
+    .await;
+    if outcome.is_err() {
+        let _ = ap.join().await;
+    }
+    outcome
 }
 
 /// The source transaction being received. Without streaming, a transaction arrives whole at
