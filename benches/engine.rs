@@ -323,6 +323,11 @@ max_lag_bytes = {max_lag}
     }
 
     /// pg_recvlogical from `slot` to `end`, output discarded; seconds.
+    /// CPU seconds the bench's cluster has used so far (see [`cluster_cpu`]).
+    fn server_cpu(&self) -> f64 {
+        self.c.pid().map_or(0.0, cluster_cpu)
+    }
+
     fn recvlogical(&self, db: &str, slot: &str, end: &str, options: &[&str]) -> f64 {
         let mut cmd = Command::new(self.c.bindir().join("pg_recvlogical"));
         cmd.args([
@@ -366,7 +371,7 @@ max_lag_bytes = {max_lag}
 struct Watched {
     pid: i32,
     started: Instant,
-    waiter: JoinHandle<(i32, i64)>,
+    waiter: JoinHandle<(i32, i64, f64)>,
     log: PathBuf,
 }
 
@@ -374,6 +379,52 @@ struct RunResult {
     secs: f64,
     backfill_secs: Option<f64>,
     peak_rss_mib: f64,
+    /// User + system CPU seconds of the `run` process.
+    cpu_secs: f64,
+}
+
+fn tv_secs(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// CPU seconds (user + system) of this process's waited-for children so far.
+fn children_cpu() -> f64 {
+    // SAFETY: plain libc call filling a plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    tv_secs(ru.ru_utime) + tv_secs(ru.ru_stime)
+}
+
+/// CPU seconds used so far by a PostgreSQL cluster: the postmaster, its exited children
+/// (reaped by it: `cutime`/`cstime`) and its live ones (walsenders, backends, checkpointer…).
+fn cluster_cpu(postmaster: i32) -> f64 {
+    let fields = |pid: &str| -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name, which may hold spaces.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        Some(rest.split(' ').map(|f| f.parse().unwrap_or(0)).collect())
+    };
+    // rest[0] is field 3 (state): ppid is field 4, utime..cstime fields 14..17.
+    let mut ticks = 0u64;
+    if let Some(f) = fields(&postmaster.to_string()) {
+        ticks += f[11] + f[12] + f[13] + f[14];
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if let Some(f) = fields(&name) {
+                if f[1] == postmaster as u64 {
+                    ticks += f[11] + f[12];
+                }
+            }
+        }
+    }
+    // SAFETY: plain libc call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
 }
 
 fn spawn_run(spec: &Path, log: &Path, exit_when_caught_up: bool, level: &str) -> Watched {
@@ -399,7 +450,11 @@ fn spawn_run(spec: &Path, log: &Path, exit_when_caught_up: bool, level: &str) ->
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
         assert_eq!(r, pid, "wait4");
-        (status, ru.ru_maxrss)
+        (
+            status,
+            ru.ru_maxrss,
+            tv_secs(ru.ru_utime) + tv_secs(ru.ru_stime),
+        )
     });
     Watched {
         pid,
@@ -439,7 +494,7 @@ impl Watched {
             std::thread::sleep(Duration::from_millis(20));
         }
         let secs = self.started.elapsed().as_secs_f64();
-        let (status, maxrss_kib) = self.waiter.join().expect("waiter");
+        let (status, maxrss_kib, cpu_secs) = self.waiter.join().expect("waiter");
         if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             let last: Vec<&str> = log.lines().rev().take(30).collect();
@@ -452,6 +507,7 @@ impl Watched {
             secs,
             backfill_secs: backfill,
             peak_rss_mib: maxrss_kib as f64 / 1024.0,
+            cpu_secs,
         }
     }
 
@@ -723,15 +779,18 @@ fn drain(b: &Bench) {
             let mut o = opts.clone();
             o.push(&pub_opt);
             let load = loadavg();
+            let (srv, cli) = (b.server_cpu(), children_cpu());
             let secs = b.recvlogical(&db, slot, &end, &o);
+            let (srv, cli) = (b.server_cpu() - srv, children_cpu() - cli);
             println!(
-                "  pg_recvlogical ({vname}): {secs:.2} s, {:.0} changes/s (load {load})",
+                "  pg_recvlogical ({vname}): {secs:.2} s, {:.0} changes/s (load {load}; CPU: server {srv:.2} s, client {cli:.2} s)",
                 n as f64 / secs
             );
             recv.push((vname.to_string(), secs));
         }
         b.stmts_reset(&db);
         let load = loadavg();
+        let srv = b.server_cpu();
         let r = spawn_run(
             &spec,
             &b.dir.path().join(format!("dr_{pi}.log")),
@@ -739,20 +798,24 @@ fn drain(b: &Bench) {
             &log_level("info"),
         )
         .finish();
+        let srv = b.server_cpu() - srv;
         b.stmts_report(&db);
         println!(
-            "  shadowmig run --exit-when-caught-up: {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load})",
+            "  shadowmig run --exit-when-caught-up: {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load}; CPU: server {srv:.2} s, shadowmig {:.2} s)",
             r.secs,
             n as f64 / r.secs,
-            r.peak_rss_mib
+            r.peak_rss_mib,
+            r.cpu_secs
         );
         let load = loadavg();
+        let srv = b.server_cpu();
         let t = Instant::now();
         b.psql(&ndb, "ALTER SUBSCRIPTION dr_native ENABLE");
         b.native_wait_lsn(&ndb, "dr_native", &end);
         let native_secs = t.elapsed().as_secs_f64();
+        let srv = b.server_cpu() - srv;
         println!(
-            "  native subscription (binary, streaming=on): {native_secs:.2} s, {:.0} changes/s (load {load})",
+            "  native subscription (binary, streaming=on): {native_secs:.2} s, {:.0} changes/s (load {load}; CPU: server {srv:.2} s)",
             n as f64 / native_secs
         );
         let mut o = variants[0].1.clone();
