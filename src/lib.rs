@@ -7,7 +7,7 @@
 //!   (pause/resume/throttle), [`abort`], [`status`]
 //! - protocols: [`tail`]
 //! - engines: [`replication`] (walsender client), [`copy`] (watermarked chunks), [`apply`]
-//!   (coalesced set-based writer), [`verify`], [`plan`], [`spill`]
+//!   (coalesced set-based writer), [`verify`], [`plan`]
 //! - ground: [`pgoutput`] (sans-IO decoder), [`spec`], [`catalog`], [`state`], [`stages`],
 //!   [`metrics`], [`raw`], [`lsn`], [`testpg`] (throwaway clusters)
 #![warn(missing_docs)]
@@ -31,7 +31,6 @@ pub mod replication;
 pub mod run;
 pub mod sampler;
 pub mod spec;
-pub mod spill;
 pub mod stages;
 pub mod state;
 pub mod status;

@@ -35,7 +35,6 @@ use crate::replication::{
     StreamConfig,
 };
 use crate::spec::{quote_ident, quote_literal, Spec};
-use crate::spill::Spill;
 use crate::stages::{RunStage, StageLog};
 use crate::state::{self, ChunkProgress, Direction};
 
@@ -52,8 +51,9 @@ pub struct RunOptions {
     /// Exit 0 once the backfill is done and apply has caught up with the source (for scripts
     /// and tests); otherwise run until stopped.
     pub exit_when_caught_up: bool,
-    /// A source transaction with more changes than this is spilled to disk until its commit
-    /// and then applied in parts of at most `batch_rows` rows within one target transaction.
+    /// A source transaction with more changes than this is written as it arrives, in
+    /// coalesced parts of at most `batch_rows` rows, into one target transaction committed at
+    /// its source commit.
     pub batch_changes: usize,
     /// Flush a batch (at a transaction boundary) once its net effect touches this many rows.
     /// A batch holds net rows, not changes (a key changed many times costs one row), so under
@@ -68,6 +68,10 @@ pub struct RunOptions {
     /// keepalives a walsender sends while it waits to shut down) must not hold changes back.
     /// While the read-ahead holds a backlog, 8× this.
     pub batch_max_delay: Duration,
+    /// Write a batch on its own task while the next one is read (D24); off, each batch is
+    /// written before reading goes on. `SHADOWMIG_APPLY_PIPELINE=0` turns it off (diagnosis,
+    /// benchmarks).
+    pub pipeline: bool,
 }
 
 impl Default for RunOptions {
@@ -79,6 +83,7 @@ impl Default for RunOptions {
             batch_bytes: 64 << 20,
             batch_idle: Duration::from_millis(20),
             batch_max_delay: Duration::from_millis(250),
+            pipeline: std::env::var("SHADOWMIG_APPLY_PIPELINE").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -109,6 +114,10 @@ pub enum RunError {
     /// Anything else.
     #[error("{0}")]
     Fatal(String),
+    /// A source transaction being written in parts was abandoned before its commit (a pause,
+    /// shutdown or a failure elsewhere) and rolled back in the target; never reaches a caller.
+    #[error("a large source transaction was abandoned before its commit and rolled back")]
+    Abandoned,
 }
 
 impl RunError {
@@ -813,14 +822,17 @@ async fn run_stages(
 /// applies it.
 struct Applier<'a> {
     spec: &'a Spec,
-    prepared: &'a Prepared,
-    /// The same, owned, for the flush task.
+    /// What `run` prepared, shared with the writer tasks.
     prepared_arc: Arc<Prepared>,
     /// The apply connection and its writer; `None` while a flush task holds them.
     conn: Option<(Client, ApplyWriter)>,
     /// The batch being written on its own task while the loop reads and coalesces the next
     /// (at most one: batches commit in stream order).
     inflight: Option<tokio::task::JoinHandle<FlushDone>>,
+    /// The source transaction too large for a batch that is being written as it arrives.
+    large: Option<LargeTxn>,
+    /// [`RunOptions::pipeline`].
+    pipeline: bool,
     /// The batch's net effect so far (complete source transactions only).
     batch: Coalescer,
     /// When the batch's changes were coalesced, in total (for the writer's debug line).
@@ -938,6 +950,9 @@ impl Applier<'_> {
                 result,
             }
         }));
+        if !self.pipeline {
+            self.join().await?;
+        }
         Ok(())
     }
 
@@ -951,7 +966,13 @@ impl Applier<'_> {
     }
 
     /// Waits for the batch in flight, if any, and takes back the apply connection.
+    /// A large transaction still arriving is abandoned (rolled back in the target): only
+    /// what the source committed whole is ever applied.
     async fn join(&mut self) -> Result<(), RunError> {
+        if let Some(l) = self.large.take() {
+            drop(l.parts);
+            self.inflight = Some(l.handle);
+        }
         let Some(h) = self.inflight.take() else {
             return Ok(());
         };
@@ -959,8 +980,13 @@ impl Applier<'_> {
             .await
             .map_err(|e| RunError::Fatal(format!("the batch writer task failed: {e}")))?;
         self.conn = Some((done.tgt, done.writer));
-        let rereads = done.result?;
-        self.new_rereads.extend(rereads);
+        match done.result {
+            Ok(rereads) => self.new_rereads.extend(rereads),
+            Err(RunError::Abandoned) => tracing::info!(
+                "a large source transaction was cut short before its commit arrived and its parts were rolled back; it is applied whole later"
+            ),
+            Err(e) => return Err(e),
+        }
         Ok(())
     }
 
@@ -1071,112 +1097,205 @@ async fn write_flush(
 }
 
 impl Applier<'_> {
-    /// Applies one source transaction too large for a batch: its spilled changes and the
-    /// in-memory rest, coalesced in parts of at most `opts.batch_rows` net rows (or
-    /// `opts.batch_bytes`), all in one target transaction with the progress (the target never
-    /// shows part of a source transaction), then confirms it.
-    async fn apply_large(
+    /// Starts writing a source transaction too large for a batch (it reached
+    /// `opts.batch_changes` changes): the batch before it is committed first, then a task takes
+    /// the apply connection, opens one target transaction and writes the transaction's
+    /// coalesced parts into it as they arrive ([`Applier::push_large`]), while the loop goes on
+    /// reading. It commits at the source commit ([`Applier::commit_large`]) and rolls back if
+    /// the transaction is abandoned (a pause, shutdown or a lost connection before its commit):
+    /// the target never shows part of a source transaction, and memory stays bounded by parts.
+    async fn begin_large(
         &mut self,
         stream: &crate::replication::LogicalStream,
-        spill: Spill,
-        rest: Vec<Change>,
         lsn: Lsn,
-        opts: &RunOptions,
     ) -> Result<(), RunError> {
+        self.flush(stream).await?;
         self.join().await?;
         // Chunks handed in before this transaction must be in first (see `flush`).
         self.settle().await?;
         let (mut tgt, mut writer) = self.take_conn()?;
-        let r = self
-            .apply_large_on(&mut tgt, &mut writer, stream, spill, rest, lsn, opts)
-            .await;
-        self.conn = Some((tgt, writer));
-        r
-    }
-
-    /// [`Applier::apply_large`] on the apply connection, taken out of `self` meanwhile.
-    #[allow(clippy::too_many_arguments)]
-    async fn apply_large_on(
-        &mut self,
-        tgt: &mut Client,
-        writer: &mut ApplyWriter,
-        stream: &crate::replication::LogicalStream,
-        spill: Spill,
-        rest: Vec<Change>,
-        lsn: Lsn,
-        opts: &RunOptions,
-    ) -> Result<(), RunError> {
-        let total = spill.len() + rest.len() as u64;
-        tracing::info!(
-            changes = total,
-            "applying a large source transaction in parts"
-        );
-        let mut reader = spill
-            .into_reader()
-            .map_err(|e| RunError::Fatal(e.to_string()))?;
-        let name = &self.spec.name;
-        let tx = tgt
-            .transaction()
-            .await
-            .map_err(|e| pg_err("starting a large transaction", e))?;
-        let mut rest = Some(rest);
-        let mut rereads = Vec::new();
-        let mut net = writer
+        let net = writer
             .new_batch()
             .map_err(|e| apply_err("applying a large transaction", e))?;
-        let mut done = false;
-        while !done {
-            let changes = reader
-                .next_batch(opts.batch_changes)
-                .map_err(|e| RunError::Fatal(e.to_string()))?;
-            let changes = if changes.is_empty() {
-                match rest.take() {
-                    Some(r) if !r.is_empty() => r,
-                    _ => {
-                        done = true;
-                        Vec::new()
-                    }
-                }
-            } else {
-                changes
+        let (parts, rx) = tokio::sync::mpsc::channel(1);
+        let name = self.spec.name.clone();
+        let prepared = self.prepared_arc.clone();
+        let handle = tokio::spawn(async move {
+            let result = write_large(&mut tgt, &mut writer, &prepared, &name, rx).await;
+            FlushDone {
+                tgt,
+                writer,
+                result,
+            }
+        });
+        tracing::info!("applying a large source transaction in parts as it arrives");
+        self.large = Some(LargeTxn {
+            parts,
+            handle,
+            net,
+            lsn,
+            changes: 0,
+        });
+        Ok(())
+    }
+
+    /// Adds one change of the large transaction; hands a part to its task when the part is
+    /// full (waiting while the task is still writing the one before).
+    async fn push_large(&mut self, change: Change, opts: &RunOptions) -> Result<(), RunError> {
+        let Some(l) = self.large.as_mut() else {
+            return Err(RunError::Fatal(
+                "internal: a large-transaction change without its writer".into(),
+            ));
+        };
+        if let Some(s) = self.sampler.as_mut() {
+            // Offered before the commit: the sampler compares only after apply has passed
+            // the LSN it read the source at, so it never sees the part-applied state.
+            s.offer_change(&change);
+        }
+        l.net
+            .push(SourceChange { lsn: l.lsn, change })
+            .map_err(|e| apply_err("coalescing a large transaction", e.into()))?;
+        l.changes += 1;
+        if l.net.net_rows() >= opts.batch_rows || l.net.bytes() >= opts.batch_bytes {
+            let part = LargeMsg::Part {
+                changes: l.net.changes(),
+                net: l.net.finish(),
+                lsn: l.lsn,
             };
-            for change in changes {
-                // Offered before the commit: the sampler compares only after apply has passed
-                // the LSN it read the source at, so it never sees the part-applied state.
-                if let Some(s) = self.sampler.as_mut() {
-                    s.offer_change(&change);
-                }
-                net.push(SourceChange { lsn, change })
-                    .map_err(|e| apply_err("coalescing a large transaction", e.into()))?;
-                if net.net_rows() >= opts.batch_rows || net.bytes() >= opts.batch_bytes {
-                    let part = write_part(writer, self.prepared, name, &tx, &mut net, lsn);
-                    rereads.extend(part.await?);
-                }
+            if l.parts.send(part).await.is_err() {
+                // The task ended early: its error says why.
+                return self.join().await.and(Err(RunError::Fatal(
+                    "the large-transaction writer ended before the transaction did".into(),
+                )));
             }
         }
-        if !net.is_empty() {
-            let part = write_part(writer, self.prepared, name, &tx, &mut net, lsn);
-            rereads.extend(part.await?);
-        }
-        tx.execute(
-            "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
-            &[name, &(total as i64)],
-        )
-        .await
-        .map_err(|e| pg_err("counting applied changes", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| pg_err("committing a large transaction", e))?;
-        writer.batch_committed();
-        stream.confirm(lsn.max(self.position));
-        self.applied += total;
-        metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(total);
-        if let Some((ts, received)) = self.batch_oldest.take() {
-            metrics::histogram!(crate::metrics::BATCH_LAG_SECONDS)
-                .record(commit_age(ts, received).as_secs_f64());
-        }
-        self.new_rereads.extend(rereads);
         Ok(())
+    }
+
+    /// Hands the large transaction's last part and its commit (`end_lsn`) to its task, which
+    /// commits with the progress and confirms; it is then the batch in flight.
+    async fn commit_large(
+        &mut self,
+        end_lsn: Lsn,
+        oldest: (PgTimestamp, Instant),
+        stream: &crate::replication::LogicalStream,
+    ) -> Result<(), RunError> {
+        let Some(mut l) = self.large.take() else {
+            return Err(RunError::Fatal(
+                "internal: a large-transaction commit without its writer".into(),
+            ));
+        };
+        let mut sent = true;
+        if !l.net.is_empty() {
+            let part = LargeMsg::Part {
+                changes: l.net.changes(),
+                net: l.net.finish(),
+                lsn: l.lsn,
+            };
+            sent = l.parts.send(part).await.is_ok();
+        }
+        let end = LargeMsg::Commit {
+            lsn: end_lsn,
+            changes: l.changes,
+            confirm_to: end_lsn.max(self.position),
+            oldest,
+            confirm: stream.confirm_handle(),
+        };
+        sent = sent && l.parts.send(end).await.is_ok();
+        self.applied += l.changes;
+        self.inflight = Some(l.handle);
+        if !sent {
+            return self.join().await.and(Err(RunError::Fatal(
+                "the large-transaction writer ended before the transaction did".into(),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A source transaction too large for a batch, written by a task into one open target
+/// transaction while it arrives.
+struct LargeTxn {
+    parts: tokio::sync::mpsc::Sender<LargeMsg>,
+    handle: tokio::task::JoinHandle<FlushDone>,
+    /// The part being coalesced.
+    net: Coalescer,
+    /// The transaction's commit LSN (from its Begin): the order key of its changes.
+    lsn: Lsn,
+    changes: u64,
+}
+
+/// What the large-transaction task is sent.
+enum LargeMsg {
+    /// A coalesced part, written into the open transaction.
+    Part {
+        net: crate::apply::Coalesced,
+        changes: usize,
+        lsn: Lsn,
+    },
+    /// The source commit: record progress, commit, confirm.
+    Commit {
+        lsn: Lsn,
+        changes: u64,
+        confirm_to: Lsn,
+        oldest: (PgTimestamp, Instant),
+        confirm: crate::replication::ConfirmHandle,
+    },
+}
+
+/// The body of a large-transaction task: parts into one target transaction, committed at the
+/// source commit. A closed channel before the commit rolls the transaction back.
+async fn write_large(
+    tgt: &mut Client,
+    writer: &mut ApplyWriter,
+    prepared: &Prepared,
+    name: &str,
+    mut rx: tokio::sync::mpsc::Receiver<LargeMsg>,
+) -> Result<Vec<KeyValue>, RunError> {
+    let tx = tgt
+        .transaction()
+        .await
+        .map_err(|e| pg_err("starting a large transaction", e))?;
+    let mut rereads = Vec::new();
+    loop {
+        match rx.recv().await {
+            Some(LargeMsg::Part { net, changes, lsn }) => {
+                let stats = writer
+                    .write_net(&tx, net, changes, lsn, Duration::ZERO)
+                    .await
+                    .map_err(|e| apply_err("applying a large transaction", e))?;
+                rereads.extend(record_rereads(&tx, prepared, name, &stats.needs_reread).await?);
+            }
+            Some(LargeMsg::Commit {
+                lsn,
+                changes,
+                confirm_to,
+                oldest,
+                confirm,
+            }) => {
+                writer
+                    .write_progress(&tx, lsn)
+                    .await
+                    .map_err(|e| apply_err("recording a large transaction's progress", e))?;
+                tx.execute(
+                    "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
+                    &[&name, &(changes as i64)],
+                )
+                .await
+                .map_err(|e| pg_err("counting applied changes", e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| pg_err("committing a large transaction", e))?;
+                writer.batch_committed();
+                confirm.confirm(confirm_to);
+                metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(changes);
+                metrics::histogram!(crate::metrics::BATCH_LAG_SECONDS)
+                    .record(commit_age(oldest.0, oldest.1).as_secs_f64());
+                return Ok(rereads);
+            }
+            // Abandoned before its commit: dropping `tx` rolls it back.
+            None => return Err(RunError::Abandoned),
+        }
     }
 }
 
@@ -1331,10 +1450,11 @@ async fn run_once(
         .map_err(|e| apply_err("preparing apply", e))?;
     let mut ap = Applier {
         spec,
-        prepared: &prepared,
         prepared_arc: Arc::new(prepared.clone()),
         conn: Some((tgt, writer)),
         inflight: None,
+        large: None,
+        pipeline: opts.pipeline,
         batch,
         batch_coalesce_time: Duration::ZERO,
         batch_lsn: None,
@@ -1519,7 +1639,11 @@ async fn run_once(
             ap.position = ap.position.max(wal_start);
         }
         match msg {
-            LogicalMessage::Begin { xid, commit_ts, .. } => {
+            LogicalMessage::Begin {
+                xid,
+                commit_ts,
+                final_lsn,
+            } => {
                 txn = Some(Txn {
                     xid,
                     commit_ts,
@@ -1527,7 +1651,11 @@ async fn run_once(
                     changes: Vec::new(),
                     keys: Vec::new(),
                     track: tracker.open_windows() > 0,
-                    spill: None,
+                    final_lsn,
+                    // Its commit record begins before the last commit applied ends: replayed
+                    // after a restart, and already in the target (checked again at Commit).
+                    skip: committed.is_some_and(|c| final_lsn < c),
+                    large: false,
                 });
             }
             LogicalMessage::Relation { body, .. } if body.oid == prepared.source_oid => {
@@ -1545,7 +1673,7 @@ async fn run_once(
             LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     let k = key_of(&prepared, &new)?;
-                    t.add(Change::Upsert { new }, [k], opts.batch_changes)?;
+                    add_change(&mut ap, t, Change::Upsert { new }, [k], opts, &stream).await?;
                 }
             }
             LogicalMessage::Update {
@@ -1556,13 +1684,9 @@ async fn run_once(
                     match old {
                         Some((old_kind, old)) => {
                             let ko = key_of(&prepared, &old)?;
-                            t.add(
-                                Change::KeyChange { old, old_kind, new },
-                                [k, ko],
-                                opts.batch_changes,
-                            )?;
+                            add_change(&mut ap, t, Change::KeyChange { old, old_kind, new }, [k, ko], opts, &stream).await?;
                         }
-                        None => t.add(Change::Upsert { new }, [k], opts.batch_changes)?,
+                        None => add_change(&mut ap, t, Change::Upsert { new }, [k], opts, &stream).await?,
                     }
                 }
             }
@@ -1573,7 +1697,7 @@ async fn run_once(
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     let k = key_of(&prepared, &old)?;
-                    t.add(Change::Delete { old }, [k], opts.batch_changes)?;
+                    add_change(&mut ap, t, Change::Delete { old }, [k], opts, &stream).await?;
                 }
             }
             LogicalMessage::Truncate { relations, .. }
@@ -1592,19 +1716,21 @@ async fn run_once(
                 last_end = end_lsn;
                 ap.position = ap.position.max(end_lsn);
                 tracker.on_commit(t.xid, t.keys);
-                if committed.is_some_and(|c| end_lsn <= c)
-                    || (t.changes.is_empty() && t.spill.is_none())
-                {
+                if committed.is_some_and(|c| end_lsn <= c) {
+                    if t.large {
+                        // Cannot happen (skipped at Begin); never commit a replay twice.
+                        ap.join().await?;
+                    }
                     continue;
                 }
-                if let Some(spill) = t.spill {
-                    // Too large for one batch: apply what came before, then this transaction
-                    // alone, in parts, inside one target transaction.
-                    ap.flush(&stream).await?;
-                    ap.batch_oldest = Some((t.commit_ts, t.received));
-                    ap.apply_large(&stream, spill, t.changes, end_lsn, opts)
+                if t.large {
+                    // Written in parts as it arrived: commit it.
+                    ap.commit_large(end_lsn, (t.commit_ts, t.received), &stream)
                         .await?;
                     oldest_unapplied = None;
+                    continue;
+                }
+                if t.changes.is_empty() {
                     continue;
                 }
                 oldest_unapplied.get_or_insert_with(Instant::now);
@@ -1804,34 +1930,44 @@ struct Txn {
     changes: Vec<Change>,
     keys: Vec<KeyValue>,
     track: bool,
-    /// Changes beyond what is held in memory, for transactions larger than a batch.
-    spill: Option<Spill>,
+    /// The commit LSN, from Begin.
+    final_lsn: Lsn,
+    /// Already applied (a replay after a restart): its changes are dropped as they arrive.
+    skip: bool,
+    /// Reached `batch_changes` changes: its changes go to the applier's large-transaction
+    /// writer as they arrive instead of into `changes`.
+    large: bool,
 }
 
-impl Txn {
-    fn add(
-        &mut self,
-        change: Change,
-        keys: impl IntoIterator<Item = KeyValue>,
-        limit: usize,
-    ) -> Result<(), RunError> {
-        if self.track {
-            self.keys.extend(keys);
-        }
-        self.changes.push(change);
-        if self.changes.len() >= limit {
-            let spill = match self.spill.as_mut() {
-                Some(s) => s,
-                None => self
-                    .spill
-                    .insert(Spill::new().map_err(|e| RunError::Fatal(e.to_string()))?),
-            };
-            for c in self.changes.drain(..) {
-                spill.push(&c).map_err(|e| RunError::Fatal(e.to_string()))?;
-            }
-        }
-        Ok(())
+/// Adds one change of the open source transaction `t`: kept in `t` until its commit, unless
+/// the transaction is a replay (dropped) or has grown past `opts.batch_changes` changes, from
+/// which point it is written in parts as it arrives ([`Applier::begin_large`]).
+async fn add_change(
+    ap: &mut Applier<'_>,
+    t: &mut Txn,
+    change: Change,
+    keys: impl IntoIterator<Item = KeyValue>,
+    opts: &RunOptions,
+    stream: &crate::replication::LogicalStream,
+) -> Result<(), RunError> {
+    if t.track {
+        t.keys.extend(keys);
     }
+    if t.skip {
+        return Ok(());
+    }
+    if t.large {
+        return ap.push_large(change, opts).await;
+    }
+    t.changes.push(change);
+    if t.changes.len() >= opts.batch_changes {
+        ap.begin_large(stream, t.final_lsn).await?;
+        t.large = true;
+        for c in std::mem::take(&mut t.changes) {
+            ap.push_large(c, opts).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The terminal display of `run`: a bar with rate and ETA while backfilling, then a line
@@ -1897,24 +2033,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Writes one coalesced part of a large source transaction into its open target transaction;
-/// the keys it recorded for a re-read.
-async fn write_part(
-    writer: &mut ApplyWriter,
-    prepared: &Prepared,
-    name: &str,
-    tx: &tokio_postgres::Transaction<'_>,
-    net: &mut Coalescer,
-    lsn: Lsn,
-) -> Result<Vec<KeyValue>, RunError> {
-    let n = net.changes();
-    let stats = writer
-        .write_net(tx, net.finish(), n, lsn, Duration::ZERO)
-        .await
-        .map_err(|e| apply_err("applying a large transaction", e))?;
-    record_rereads(tx, prepared, name, &stats.needs_reread).await
 }
 
 /// The identity key of a tuple (new row, or `K`/`O` old tuple), as binary values.

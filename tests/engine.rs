@@ -524,7 +524,7 @@ fn a_source_transaction_larger_than_a_batch_is_applied_whole() {
 }
 
 /// A batch holds net rows, not changes: a large transaction that updates the same 5,000 rows
-/// twenty times (100,000 changes, spilled and applied in parts) writes each target row once,
+/// twenty times (100,000 changes, written in parts as they arrive) writes each target row once,
 /// where parts of 20,000 changes wrote every row five times. Counted by PostgreSQL's own
 /// statistics on the shadow table, independently of shadowmig.
 #[test]
@@ -559,6 +559,55 @@ fn a_large_transaction_is_coalesced_whole_and_writes_each_row_once() {
         (5000..=5500).contains(&written),
         "100,000 changes to 5,000 rows should write about 5,000 target rows, wrote {written}"
     );
+}
+
+/// A transaction large enough to be written in parts as it arrives, cut short by SIGTERM
+/// while it arrives: the parts already written are rolled back (the target never shows part of
+/// a source transaction), `run` exits 0, and the next run applies it whole.
+#[test]
+fn a_large_transaction_cut_short_by_shutdown_is_rolled_back_then_applied_whole() {
+    let (c, db) = testpg::fresh_db("engine_large_stop").unwrap();
+    setup(c, &db, 25_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "large_stop", &c.url(&db), 5000);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_caught_up(c, &db, &spec, &log, 120);
+    // 8 passes over 25,000 rows: 200,000 changes, written in parts while they arrive.
+    let mut sql = String::from("BEGIN;\n");
+    for i in 1..=8 {
+        sql.push_str(&format!(
+            "UPDATE orders SET status = 'big', total_amount = {i};\n"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    c.psql(&db, &sql).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("applying a large source transaction in parts as it arrives")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the large transaction never began"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let big = || {
+        c.psql(&db, "SELECT count(*) FROM orders_v2 WHERE status = 'big'")
+            .unwrap()
+    };
+    let rolled_back = text.contains("parts were rolled back; it is applied whole later");
+    let seen = big();
+    assert!(
+        seen == "0" || (!rolled_back && seen == "25000"),
+        "part of a source transaction is visible in the target: {seen} rows (rolled back: {rolled_back})"
+    );
+    eprintln!("cut short: rolled back = {rolled_back}");
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+    assert_eq!(big(), "25000");
 }
 
 #[test]

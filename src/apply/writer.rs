@@ -167,6 +167,14 @@ impl ApplyWriter {
         Ok(Coalescer::new(&self.plan.identity)?)
     }
 
+    /// Records `lsn` as this stream's progress in the caller's transaction (what
+    /// [`ApplyWriter::write_net`] does for each batch), e.g. once a transaction written in
+    /// parts has ended.
+    pub async fn write_progress(&self, tx: &Transaction<'_>, lsn: Lsn) -> Result<(), ApplyError> {
+        state::write_progress(tx, &self.progress.migration, self.progress.direction, lsn).await?;
+        Ok(())
+    }
+
     /// Tells the writer that the caller committed a transaction [`ApplyWriter::write_batch`]
     /// wrote into, so the stage tables it created exist (otherwise they are re-created
     /// idempotently, which only costs a catalog lookup per batch).
