@@ -1716,6 +1716,12 @@ async fn run_once(
                 last_end = end_lsn;
                 ap.position = ap.position.max(end_lsn);
                 tracker.on_commit(t.xid, t.keys);
+                if t.skip && !committed.is_some_and(|c| end_lsn <= c) {
+                    return Err(RunError::Fatal(format!(
+                        "internal: transaction {} (commit {end_lsn}) was taken for a replay at its Begin but is not applied",
+                        t.xid
+                    )));
+                }
                 if committed.is_some_and(|c| end_lsn <= c) {
                     if t.large {
                         // Cannot happen (skipped at Begin); never commit a replay twice.
