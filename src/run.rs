@@ -1041,6 +1041,25 @@ struct FlushDone {
     result: Result<Vec<KeyValue>, RunError>,
 }
 
+/// Counts `changes` as applied and commits `tx`, which the writer wrote into.
+async fn commit_counted(
+    tx: tokio_postgres::Transaction<'_>,
+    writer: &mut ApplyWriter,
+    name: &str,
+    changes: i64,
+    what: &'static str,
+) -> Result<(), RunError> {
+    tx.execute(
+        "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
+        &[&name, &changes],
+    )
+    .await
+    .map_err(|e| pg_err("counting applied changes", e))?;
+    tx.commit().await.map_err(|e| pg_err(what, e))?;
+    writer.batch_committed();
+    Ok(())
+}
+
 /// Writes one batch in one target transaction and confirms it (the body of a flush task).
 async fn write_flush(
     tgt: &mut Client,
@@ -1072,16 +1091,7 @@ async fn write_flush(
         .map_err(|e| pg_err("clearing a re-read", e))?;
     }
     let rereads = record_rereads(&tx, &job.prepared, name, &stats.needs_reread).await?;
-    tx.execute(
-        "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
-        &[name, &n],
-    )
-    .await
-    .map_err(|e| pg_err("counting applied changes", e))?;
-    tx.commit()
-        .await
-        .map_err(|e| pg_err("committing a batch", e))?;
-    writer.batch_committed();
+    commit_counted(tx, writer, name, n, "committing a batch").await?;
     job.confirm.confirm(job.confirm_to);
     tracing::debug!(lsn = %job.lsn, changes = n, copied = job.copied, "batch committed");
     metrics::counter!(crate::metrics::ROWS_COPIED_TOTAL).increment(job.copied);
@@ -1277,16 +1287,14 @@ async fn write_large(
                     .write_progress(&tx, lsn)
                     .await
                     .map_err(|e| apply_err("recording a large transaction's progress", e))?;
-                tx.execute(
-                    "UPDATE shadowmig.migrations SET changes_applied = changes_applied + $2 WHERE name = $1",
-                    &[&name, &(changes as i64)],
+                commit_counted(
+                    tx,
+                    writer,
+                    name,
+                    changes as i64,
+                    "committing a large transaction",
                 )
-                .await
-                .map_err(|e| pg_err("counting applied changes", e))?;
-                tx.commit()
-                    .await
-                    .map_err(|e| pg_err("committing a large transaction", e))?;
-                writer.batch_committed();
+                .await?;
                 confirm.confirm(confirm_to);
                 metrics::counter!(crate::metrics::CHANGES_APPLIED_TOTAL).increment(changes);
                 metrics::histogram!(crate::metrics::BATCH_LAG_SECONDS)
