@@ -566,10 +566,21 @@ fn a_large_transaction_is_coalesced_whole_and_writes_each_row_once() {
 /// a source transaction), `run` exits 0, and the next run applies it whole.
 #[test]
 fn a_large_transaction_cut_short_by_shutdown_is_rolled_back_then_applied_whole() {
-    let (c, db) = testpg::fresh_db("engine_large_stop").unwrap();
+    large_transaction_cut_short(false);
+}
+
+/// The same with kill -9: the server rolls the open target transaction back.
+#[test]
+fn a_large_transaction_cut_short_by_kill_9_is_applied_whole_by_the_next_run() {
+    large_transaction_cut_short(true);
+}
+
+fn large_transaction_cut_short(kill_9: bool) {
+    let name = if kill_9 { "large_kill" } else { "large_stop" };
+    let (c, db) = testpg::fresh_db(&format!("engine_{name}")).unwrap();
     setup(c, &db, 25_000);
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(&dir, "large_stop", &c.url(&db), 5000);
+    let spec = write_spec(&dir, name, &c.url(&db), 5000);
     let log = dir.path().join("run.log");
     let mut child = spawn_caught_up(c, &db, &spec, &log, 120);
     // 8 passes over 25,000 rows: 200,000 changes, written in parts while they arrive.
@@ -592,7 +603,14 @@ fn a_large_transaction_cut_short_by_shutdown_is_rolled_back_then_applied_whole()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(sigterm(&mut child).code(), Some(0));
+    if kill_9 {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The server notices the dead connection and rolls its transaction back.
+        std::thread::sleep(Duration::from_millis(500));
+    } else {
+        assert_eq!(sigterm(&mut child).code(), Some(0));
+    }
     let text = std::fs::read_to_string(&log).unwrap();
     let big = || {
         c.psql(&db, "SELECT count(*) FROM orders_v2 WHERE status = 'big'")
@@ -604,7 +622,7 @@ fn a_large_transaction_cut_short_by_shutdown_is_rolled_back_then_applied_whole()
         seen == "0" || (!rolled_back && seen == "25000"),
         "part of a source transaction is visible in the target: {seen} rows (rolled back: {rolled_back})"
     );
-    eprintln!("cut short: rolled back = {rolled_back}");
+    eprintln!("cut short: rolled back = {rolled_back}, rows seen = {seen}");
     run_to_catch_up(&spec);
     common::assert_orders_equal(c, &db);
     assert_eq!(big(), "25000");
