@@ -104,6 +104,20 @@ impl Bench {
         }
     }
 
+    /// What the slot's walsender spilled to disk and decoded in all, so far
+    /// (`pg_stat_replication_slots`): transactions larger than `logical_decoding_work_mem`
+    /// are spilled, and a migration's own writes in the source database are decoded too.
+    fn slot_stats(&self, db: &str, slot: &str) -> String {
+        self.psql(
+            db,
+            &format!(
+                "SELECT 'spilled ' || spill_txns || ' txns / ' || pg_size_pretty(spill_bytes) \
+                        || ', decoded ' || total_txns || ' txns / ' || pg_size_pretty(total_bytes) \
+                 FROM pg_stat_replication_slots WHERE slot_name = '{slot}'"
+            ),
+        )
+    }
+
     fn checkpoint(&self, db: &str) {
         self.psql(db, "CHECKPOINT");
     }
@@ -783,8 +797,9 @@ fn drain(b: &Bench) {
             let secs = b.recvlogical(&db, slot, &end, &o);
             let (srv, cli) = (b.server_cpu() - srv, children_cpu() - cli);
             println!(
-                "  pg_recvlogical ({vname}): {secs:.2} s, {:.0} changes/s (load {load}; CPU: server {srv:.2} s, client {cli:.2} s)",
-                n as f64 / secs
+                "  pg_recvlogical ({vname}): {secs:.2} s, {:.0} changes/s (load {load}; CPU: server {srv:.2} s, client {cli:.2} s; {})",
+                n as f64 / secs,
+                b.slot_stats(&db, slot)
             );
             recv.push((vname.to_string(), secs));
         }
@@ -801,11 +816,12 @@ fn drain(b: &Bench) {
         let srv = b.server_cpu() - srv;
         b.stmts_report(&db);
         println!(
-            "  shadowmig run --exit-when-caught-up: {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load}; CPU: server {srv:.2} s, shadowmig {:.2} s)",
+            "  shadowmig run --exit-when-caught-up: {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load}; CPU: server {srv:.2} s, shadowmig {:.2} s; slot so far: {})",
             r.secs,
             n as f64 / r.secs,
             r.peak_rss_mib,
-            r.cpu_secs
+            r.cpu_secs,
+            b.slot_stats(&db, "shadowmig_dr")
         );
         let load = loadavg();
         let srv = b.server_cpu();
