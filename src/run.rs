@@ -835,8 +835,6 @@ struct Applier<'a> {
     pipeline: bool,
     /// The batch's net effect so far (complete source transactions only).
     batch: Coalescer,
-    /// When the batch's changes were coalesced, in total (for the writer's debug line).
-    batch_coalesce_time: Duration,
     batch_lsn: Option<Lsn>,
     /// When the first change of the batch was added.
     batch_started: Option<Instant>,
@@ -869,11 +867,9 @@ impl Applier<'_> {
         if let Some(s) = self.sampler.as_mut() {
             s.offer_change(&change);
         }
-        let t = Instant::now();
         self.batch
             .push(SourceChange { lsn, change })
             .map_err(|e| apply_err("coalescing a batch", e.into()))?;
-        self.batch_coalesce_time += t.elapsed();
         self.batch_lsn = Some(lsn);
         self.batch_started.get_or_insert_with(Instant::now);
         Ok(())
@@ -929,7 +925,6 @@ impl Applier<'_> {
             net: self.batch.finish(),
             changes: n,
             lsn,
-            coalesce_time: std::mem::take(&mut self.batch_coalesce_time),
             copy_checkpoint: self.batch_copy.take().map(|c| c.checkpoint()),
             rereads_done: std::mem::take(&mut self.rereads_done),
             copied: std::mem::take(&mut self.batch_copied),
@@ -1021,7 +1016,6 @@ struct FlushJob {
     net: crate::apply::Coalesced,
     changes: i64,
     lsn: Lsn,
-    coalesce_time: Duration,
     copy_checkpoint: Option<ChunkProgress>,
     rereads_done: Vec<KeyValue>,
     copied: u64,
@@ -1074,7 +1068,7 @@ async fn write_flush(
         .await
         .map_err(|e| pg_err("starting a batch", e))?;
     let stats = writer
-        .write_net(&tx, job.net, n as usize, job.lsn, job.coalesce_time)
+        .write_net(&tx, job.net, n as usize, job.lsn)
         .await
         .map_err(|e| apply_err("applying a batch", e))?;
     if let Some(c) = job.copy_checkpoint.as_ref() {
@@ -1271,7 +1265,7 @@ async fn write_large(
         match rx.recv().await {
             Some(LargeMsg::Part { net, changes, lsn }) => {
                 let stats = writer
-                    .write_net(&tx, net, changes, lsn, Duration::ZERO)
+                    .write_net(&tx, net, changes, lsn)
                     .await
                     .map_err(|e| apply_err("applying a large transaction", e))?;
                 rereads.extend(record_rereads(&tx, prepared, name, &stats.needs_reread).await?);
@@ -1464,7 +1458,6 @@ async fn run_once(
         large: None,
         pipeline: opts.pipeline,
         batch,
-        batch_coalesce_time: Duration::ZERO,
         batch_lsn: None,
         batch_started: None,
         batch_copy: None,
@@ -1680,21 +1673,21 @@ async fn run_once(
             }
             LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    let k = key_of(&prepared, &new)?;
-                    add_change(&mut ap, t, Change::Upsert { new }, [k], opts, &stream).await?;
+                    let k = tracked_key(&prepared, t.track, &new)?;
+                    add_change(&mut ap, t, Change::Upsert { new }, k, opts, &stream).await?;
                 }
             }
             LogicalMessage::Update {
                 relation, old, new, ..
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    let k = key_of(&prepared, &new)?;
+                    let k = tracked_key(&prepared, t.track, &new)?;
                     match old {
                         Some((old_kind, old)) => {
-                            let ko = key_of(&prepared, &old)?;
-                            add_change(&mut ap, t, Change::KeyChange { old, old_kind, new }, [k, ko], opts, &stream).await?;
+                            let ko = tracked_key(&prepared, t.track, &old)?;
+                            add_change(&mut ap, t, Change::KeyChange { old, old_kind, new }, k.into_iter().chain(ko), opts, &stream).await?;
                         }
-                        None => add_change(&mut ap, t, Change::Upsert { new }, [k], opts, &stream).await?,
+                        None => add_change(&mut ap, t, Change::Upsert { new }, k, opts, &stream).await?,
                     }
                 }
             }
@@ -1704,8 +1697,8 @@ async fn run_once(
                 ..
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
-                    let k = key_of(&prepared, &old)?;
-                    add_change(&mut ap, t, Change::Delete { old }, [k], opts, &stream).await?;
+                    let k = tracked_key(&prepared, t.track, &old)?;
+                    add_change(&mut ap, t, Change::Delete { old }, k, opts, &stream).await?;
                 }
             }
             LogicalMessage::Truncate { relations, .. }
@@ -2046,6 +2039,25 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The key of a change's tuple when a watermark window needs it (`track`); otherwise only
+/// checks that the tuple has it, without building it (once per streamed change).
+fn tracked_key(p: &Prepared, track: bool, t: &TupleData) -> Result<Option<KeyValue>, RunError> {
+    if track {
+        return key_of(p, t).map(Some);
+    }
+    let missing = p.copy_source.key.iter().find(|&&i| {
+        !matches!(
+            t.0.get(i),
+            Some(TupleValue::Binary(_)) | Some(TupleValue::Text(_))
+        )
+    });
+    match missing {
+        None => Ok(None),
+        // The error says which column.
+        Some(_) => key_of(p, t).map(Some),
     }
 }
 

@@ -120,9 +120,16 @@ enum KeyPart {
     Binary(Bytes),
 }
 
-type Key = Vec<KeyPart>;
+/// Keys of up to two columns (the common case) live inline: no allocation per change.
+type Key = smallvec::SmallVec<[KeyPart; 2]>;
+
+/// A seeded fast hasher: keys come from the source's data, so the seed is random per process.
+type KeyHasher = foldhash::fast::RandomState;
 
 enum Net {
+    /// A slot just created for a key, before its first state is set (never seen outside
+    /// [`Coalescer::push`]).
+    Empty,
     /// The row's final image; `deleted` is the old tuple of a delete of the same identity
     /// earlier in the batch, if any.
     Upserted {
@@ -130,24 +137,6 @@ enum Net {
         deleted: Option<TupleData>,
     },
     Deleted(TupleData),
-}
-
-/// Takes the state an upsert of `key` follows out of its slot: the earlier image to fill
-/// unchanged columns from (if any) and the delete it follows (if any). The caller writes the
-/// key's new state into the slot right after ([`put`]), so moving out instead of cloning is
-/// safe and saves copying every repeated row.
-fn take_before(
-    index: &HashMap<Key, usize>,
-    slots: &mut [Net],
-    key: &Key,
-) -> (Option<TupleData>, Option<TupleData>) {
-    match index.get(key) {
-        Some(&i) => match std::mem::replace(&mut slots[i], Net::Deleted(TupleData(Vec::new()))) {
-            Net::Upserted { image, deleted } => (Some(image), deleted),
-            Net::Deleted(old) => (None, Some(old)),
-        },
-        None => (None, None),
-    }
 }
 
 /// Coalesces `changes` (in stream order) to their net effect per identity key.
@@ -172,7 +161,7 @@ pub struct Coalescer {
     identity: Vec<bool>,
     /// Net state per key in slots, in order of each key's first change: one hash lookup per
     /// change and no key or row copies (coalescing was ~14 % of a batch's time).
-    index: HashMap<Key, usize>,
+    index: HashMap<Key, usize, KeyHasher>,
     slots: Vec<Net>,
     /// Approximate heap bytes of each slot (its tuples) and of its key.
     slot_bytes: Vec<usize>,
@@ -210,11 +199,24 @@ fn tuple_bytes(t: &TupleData) -> usize {
 
 fn net_bytes(n: &Net) -> usize {
     match n {
+        Net::Empty => 0,
         Net::Upserted { image, deleted } => {
             tuple_bytes(image) + deleted.as_ref().map_or(0, tuple_bytes)
         }
         Net::Deleted(t) => tuple_bytes(t),
     }
+}
+
+/// Approximate heap size of a key held by the index.
+fn key_bytes(key: &Key) -> usize {
+    48 + key.len() * std::mem::size_of::<KeyPart>()
+        + key
+            .iter()
+            .map(|p| match p {
+                KeyPart::Text(b) | KeyPart::Binary(b) => b.len(),
+                KeyPart::Null => 0,
+            })
+            .sum::<usize>()
 }
 
 impl Coalescer {
@@ -261,7 +263,7 @@ impl Coalescer {
     }
 
     fn key_of(&self, t: &TupleData) -> Result<Key, CoalesceError> {
-        let mut k = Vec::with_capacity(4);
+        let mut k = Key::new();
         for (column, (v, &is_id)) in t.0.iter().zip(&self.identity).enumerate() {
             if !is_id {
                 continue;
@@ -281,32 +283,41 @@ impl Coalescer {
         Ok(k)
     }
 
-    /// Sets `key`'s net state; a key keeps the position of its first change (output order).
-    fn put(&mut self, key: Key, value: Net) {
-        let b = net_bytes(&value);
-        match self.index.get(&key) {
-            Some(&i) => {
-                self.bytes = self.bytes - self.slot_bytes[i] + b;
-                self.slot_bytes[i] = b;
-                self.slots[i] = value;
-            }
-            None => {
-                let kb = 48
-                    + key.len() * std::mem::size_of::<KeyPart>()
-                    + key
-                        .iter()
-                        .map(|p| match p {
-                            KeyPart::Text(b) | KeyPart::Binary(b) => b.len(),
-                            KeyPart::Null => 0,
-                        })
-                        .sum::<usize>();
-                self.bytes += kb + b;
-                self.index.insert(key, self.slots.len());
-                self.slots.push(value);
+    /// The slot of `key`, created empty when the key is new (one hash lookup either way); a
+    /// key keeps the position of its first change (output order).
+    fn slot_of(&mut self, key: Key) -> usize {
+        let kb = key_bytes(&key);
+        match self.index.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let i = self.slots.len();
+                e.insert(i);
+                self.slots.push(Net::Empty);
                 // A key's bytes never change: they stay in the total, outside the slot's share.
-                self.slot_bytes.push(b);
+                self.slot_bytes.push(0);
+                self.bytes += kb;
+                i
             }
         }
+    }
+
+    /// Takes slot `i`'s state out, leaving it empty for [`Coalescer::set`] right after: the
+    /// earlier image to fill unchanged columns from, and the delete it follows. Moving out
+    /// instead of cloning saves copying every repeated row.
+    fn take(&mut self, i: usize) -> (Option<TupleData>, Option<TupleData>) {
+        match std::mem::replace(&mut self.slots[i], Net::Empty) {
+            Net::Upserted { image, deleted } => (Some(image), deleted),
+            Net::Deleted(old) => (None, Some(old)),
+            Net::Empty => (None, None),
+        }
+    }
+
+    /// Sets slot `i`'s net state.
+    fn set(&mut self, i: usize, value: Net) {
+        let b = net_bytes(&value);
+        self.bytes = self.bytes - self.slot_bytes[i] + b;
+        self.slot_bytes[i] = b;
+        self.slots[i] = value;
     }
 
     /// Adds one change, in stream order (an LSN below the previous change's is refused).
@@ -323,16 +334,18 @@ impl Coalescer {
                 self.check(&new)?;
                 let key = self.key_of(&new)?;
                 let mut image = new;
-                let (prev, deleted) = take_before(&self.index, &mut self.slots, &key);
+                let i = self.slot_of(key);
+                let (prev, deleted) = self.take(i);
                 if let Some(prev) = prev {
                     fill_unchanged(&mut image, &prev);
                 }
-                self.put(key, Net::Upserted { image, deleted });
+                self.set(i, Net::Upserted { image, deleted });
             }
             Change::Delete { old } => {
                 self.check(&old)?;
                 let key = self.key_of(&old)?;
-                self.put(key, Net::Deleted(old));
+                let i = self.slot_of(key);
+                self.set(i, Net::Deleted(old));
             }
             Change::KeyChange { old, old_kind, new } => {
                 self.check(&old)?;
@@ -350,10 +363,12 @@ impl Coalescer {
                 // After filling: an unchanged identity column takes the old row's value.
                 let new_key = self.key_of(&image)?;
                 if old_key != new_key {
-                    self.put(old_key, Net::Deleted(old));
+                    let i = self.slot_of(old_key);
+                    self.set(i, Net::Deleted(old));
                 }
-                let deleted = take_before(&self.index, &mut self.slots, &new_key).1;
-                self.put(new_key, Net::Upserted { image, deleted });
+                let i = self.slot_of(new_key);
+                let deleted = self.take(i).1;
+                self.set(i, Net::Upserted { image, deleted });
             }
         }
         self.changes += 1;
@@ -385,6 +400,7 @@ impl Coalescer {
                     out.upserts.push(image)
                 }
                 Net::Deleted(t) => out.deletes.push(t),
+                Net::Empty => {}
             }
         }
         out

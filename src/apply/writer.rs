@@ -212,20 +212,24 @@ impl ApplyWriter {
             )));
         }
         let net = coalesce(&self.plan.identity, changes)?;
-        let coalesced = start.elapsed();
-        self.write_net(tx, net, changes.len(), lsn, coalesced).await
+        tracing::debug!(
+            coalesce_ms = start.elapsed().as_millis() as u64,
+            "coalesced a batch"
+        );
+        let mut stats = self.write_net(tx, net, changes.len(), lsn).await?;
+        stats.duration = start.elapsed();
+        Ok(stats)
     }
 
     /// [`ApplyWriter::write_batch`] for a batch already coalesced (by a
     /// [`crate::apply::coalesce::Coalescer`] fed as the changes arrived): `changes` is how many
-    /// changes it stands for, `coalesce_time` what coalescing took (for the debug line).
+    /// changes it stands for.
     pub async fn write_net(
         &mut self,
         tx: &Transaction<'_>,
         net: Coalesced,
         changes: usize,
         lsn: Lsn,
-        coalesce_time: Duration,
     ) -> Result<ApplyStats, ApplyError> {
         let start = Instant::now();
         if let Some(last) = net.last_lsn.filter(|&l| l > lsn) {
@@ -233,7 +237,6 @@ impl ApplyWriter {
                 "progress LSN {lsn} is below the batch's last change at {last}"
             )));
         }
-        let coalesced = coalesce_time;
         let mut load_time = Duration::ZERO;
         let mut sql_time = Duration::ZERO;
         let mut stats = ApplyStats {
@@ -317,11 +320,10 @@ impl ApplyWriter {
         }
 
         state::write_progress(tx, &self.progress.migration, self.progress.direction, lsn).await?;
-        stats.duration = start.elapsed() + coalesce_time;
+        stats.duration = start.elapsed();
         tracing::debug!(
             changes = stats.changes,
             net_rows = net.upserts.len() + net.deletes.len(),
-            coalesce_ms = coalesced.as_millis() as u64,
             stage_copy_ms = load_time.as_millis() as u64,
             statements_ms = sql_time.as_millis() as u64,
             total_ms = stats.duration.as_millis() as u64,
