@@ -1487,6 +1487,7 @@ async fn run_once(
     let mut control_check = Instant::now();
     let started = Instant::now();
     let mut caught_up_logged = false;
+    let mut fast_reads: u32 = 0;
     let mut bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let estimate: Option<i64> = src
             .query_opt(
@@ -1582,14 +1583,23 @@ async fn run_once(
                 keys: k.to_vec(),
             });
         }
-        let event = tokio::select! {
-            biased;
-            _ = shutdown.changed() => continue,
-            c = chunk_rx.recv() => {
-                if let Some(c) = c { ready.insert(c.job.id(), c); }
-                continue;
+        // While the read-ahead holds events, take them directly: the select below (a timer,
+        // a watch and a channel polled per message) cost more than decoding a change. Every
+        // 64th event goes through it anyway, so chunks and shutdown are never starved.
+        let event = if fast_reads > 0 && stream.queued() > 0 {
+            fast_reads -= 1;
+            Ok(stream.next().await)
+        } else {
+            fast_reads = 64;
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => continue,
+                c = chunk_rx.recv() => {
+                    if let Some(c) = c { ready.insert(c.job.id(), c); }
+                    continue;
+                }
+                e = tokio::time::timeout(opts.batch_idle, stream.next()) => e,
             }
-            e = tokio::time::timeout(opts.batch_idle, stream.next()) => e,
         };
         let event = match event {
             Err(_) => {
