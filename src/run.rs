@@ -59,7 +59,8 @@ pub struct RunOptions {
     /// A batch holds net rows, not changes (a key changed many times costs one row), so under
     /// a backlog a large batch coalesces away much of the work.
     pub batch_rows: usize,
-    /// ... or once its net rows take this many bytes of memory.
+    /// ... or once its net rows take this many bytes of memory (`SHADOWMIG_BATCH_BYTES`
+    /// overrides the default of 64 MiB, for diagnosis and benchmarks).
     pub batch_bytes: usize,
     /// Flush a non-empty batch when the stream has been quiet this long.
     pub batch_idle: Duration,
@@ -80,12 +81,20 @@ impl Default for RunOptions {
             exit_when_caught_up: false,
             batch_changes: 20_000,
             batch_rows: 250_000,
-            batch_bytes: 64 << 20,
+            batch_bytes: env_usize("SHADOWMIG_BATCH_BYTES").unwrap_or(64 << 20),
             batch_idle: Duration::from_millis(20),
             batch_max_delay: Duration::from_millis(250),
             pipeline: std::env::var("SHADOWMIG_APPLY_PIPELINE").map_or(true, |v| v != "0"),
         }
     }
+}
+
+/// A positive number from the environment (diagnostic knobs; ignored when not a number).
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
 }
 
 /// How a `run` ended without an error.
