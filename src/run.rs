@@ -60,7 +60,7 @@ pub struct RunOptions {
     /// a backlog a large batch coalesces away much of the work.
     pub batch_rows: usize,
     /// ... or once its net rows take this many bytes of memory (`SHADOWMIG_BATCH_BYTES`
-    /// overrides the default of 32 MiB, for diagnosis and benchmarks).
+    /// overrides the default of 64 MiB, for diagnosis and benchmarks).
     pub batch_bytes: usize,
     /// Flush a non-empty batch when the stream has been quiet this long.
     pub batch_idle: Duration,
@@ -81,7 +81,7 @@ impl Default for RunOptions {
             exit_when_caught_up: false,
             batch_changes: 20_000,
             batch_rows: 250_000,
-            batch_bytes: env_usize("SHADOWMIG_BATCH_BYTES").unwrap_or(32 << 20),
+            batch_bytes: env_usize("SHADOWMIG_BATCH_BYTES").unwrap_or(64 << 20),
             batch_idle: Duration::from_millis(20),
             batch_max_delay: Duration::from_millis(250),
             pipeline: std::env::var("SHADOWMIG_APPLY_PIPELINE").map_or(true, |v| v != "0"),
