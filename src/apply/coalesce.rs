@@ -163,7 +163,7 @@ pub struct Coalescer {
     /// change and no key or row copies (coalescing was ~14 % of a batch's time).
     index: HashMap<Key, usize, KeyHasher>,
     slots: Vec<Net>,
-    /// Approximate heap bytes of each slot (its tuples) and of its key.
+    /// Approximate heap bytes of each slot's tuples (keys are counted in `bytes` only).
     slot_bytes: Vec<usize>,
     bytes: usize,
     changes: usize,
