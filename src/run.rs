@@ -871,14 +871,7 @@ struct Applier<'a> {
 
 impl Applier<'_> {
     fn push(&mut self, lsn: Lsn, change: Change) -> Result<(), RunError> {
-        // Offered before the commit: the sampler compares only after apply has passed the
-        // LSN it read the source at, so it never sees the batch half-applied.
-        if let Some(s) = self.sampler.as_mut() {
-            s.offer_change(&change);
-        }
-        self.batch
-            .push(SourceChange { lsn, change })
-            .map_err(|e| apply_err("coalescing a batch", e.into()))?;
+        offer_and_coalesce(&mut self.sampler, &mut self.batch, lsn, change)?;
         self.batch_lsn = Some(lsn);
         self.batch_started.get_or_insert_with(Instant::now);
         Ok(())
@@ -886,7 +879,7 @@ impl Applier<'_> {
 
     /// Whether the batch is big enough to be flushed at this transaction boundary.
     fn full(&self, opts: &RunOptions) -> bool {
-        self.batch.net_rows() >= opts.batch_rows || self.batch.bytes() >= opts.batch_bytes
+        is_full(&self.batch, opts)
     }
 
     /// Waits until every bulk chunk handed in is committed.
@@ -1160,29 +1153,22 @@ impl Applier<'_> {
                 "internal: a large-transaction change without its writer".into(),
             ));
         };
-        if let Some(s) = self.sampler.as_mut() {
-            // Offered before the commit: the sampler compares only after apply has passed
-            // the LSN it read the source at, so it never sees the part-applied state.
-            s.offer_change(&change);
-        }
-        l.net
-            .push(SourceChange { lsn: l.lsn, change })
-            .map_err(|e| apply_err("coalescing a large transaction", e.into()))?;
+        offer_and_coalesce(&mut self.sampler, &mut l.net, l.lsn, change)?;
         l.changes += 1;
-        if l.net.net_rows() >= opts.batch_rows || l.net.bytes() >= opts.batch_bytes {
-            let part = LargeMsg::Part {
-                changes: l.net.changes(),
-                net: l.net.finish(),
-                lsn: l.lsn,
-            };
+        if is_full(&l.net, opts) {
+            let part = l.take_part();
             if l.parts.send(part).await.is_err() {
-                // The task ended early: its error says why.
-                return self.join().await.and(Err(RunError::Fatal(
-                    "the large-transaction writer ended before the transaction did".into(),
-                )));
+                return self.large_writer_ended().await;
             }
         }
         Ok(())
+    }
+
+    /// The large-transaction task ended before its transaction did: its error says why.
+    async fn large_writer_ended(&mut self) -> Result<(), RunError> {
+        self.join().await.and(Err(RunError::Fatal(
+            "the large-transaction writer ended before the transaction did".into(),
+        )))
     }
 
     /// Hands the large transaction's last part and its commit (`end_lsn`) to its task, which
@@ -1200,11 +1186,7 @@ impl Applier<'_> {
         };
         let mut sent = true;
         if !l.net.is_empty() {
-            let part = LargeMsg::Part {
-                changes: l.net.changes(),
-                net: l.net.finish(),
-                lsn: l.lsn,
-            };
+            let part = l.take_part();
             sent = l.parts.send(part).await.is_ok();
         }
         let end = LargeMsg::Commit {
@@ -1218,9 +1200,7 @@ impl Applier<'_> {
         self.applied += l.changes;
         self.inflight = Some(l.handle);
         if !sent {
-            return self.join().await.and(Err(RunError::Fatal(
-                "the large-transaction writer ended before the transaction did".into(),
-            )));
+            return self.large_writer_ended().await;
         }
         Ok(())
     }
@@ -1236,6 +1216,39 @@ struct LargeTxn {
     /// The transaction's commit LSN (from its Begin): the order key of its changes.
     lsn: Lsn,
     changes: u64,
+}
+
+impl LargeTxn {
+    /// The part coalesced so far, for the task; the part starts empty again.
+    fn take_part(&mut self) -> LargeMsg {
+        LargeMsg::Part {
+            changes: self.net.changes(),
+            net: self.net.finish(),
+            lsn: self.lsn,
+        }
+    }
+}
+
+/// Offers a change to the sampler, then adds it to `net`. Offered before the commit: the
+/// sampler compares only after apply has passed the LSN it read the source at, so it never
+/// sees a batch or a large transaction half-applied.
+fn offer_and_coalesce(
+    sampler: &mut Option<crate::sampler::Sampler>,
+    net: &mut Coalescer,
+    lsn: Lsn,
+    change: Change,
+) -> Result<(), RunError> {
+    if let Some(s) = sampler.as_mut() {
+        s.offer_change(&change);
+    }
+    net.push(SourceChange { lsn, change })
+        .map_err(|e| apply_err("coalescing changes", e.into()))
+}
+
+/// Whether a batch or part is big enough to be written: `batch_rows` net rows or
+/// `batch_bytes` of memory.
+fn is_full(net: &Coalescer, opts: &RunOptions) -> bool {
+    net.net_rows() >= opts.batch_rows || net.bytes() >= opts.batch_bytes
 }
 
 /// What the large-transaction task is sent.
@@ -1359,7 +1372,7 @@ async fn run_once(
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
     take_writer_lock(&tgt, spec, shutdown).await?;
-    let prepared = prepare(spec, &src, &tgt).await?;
+    let prepared = Arc::new(prepare(spec, &src, &tgt).await?);
     let progress = ProgressKey {
         migration: spec.name.clone(),
         direction: Direction::Forward,
@@ -1461,7 +1474,7 @@ async fn run_once(
         .map_err(|e| apply_err("preparing apply", e))?;
     let mut ap = Applier {
         spec,
-        prepared_arc: Arc::new(prepared.clone()),
+        prepared_arc: prepared.clone(),
         conn: Some((tgt, writer)),
         inflight: None,
         large: None,

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use shadowmig::lsn::Lsn;
 use shadowmig::replication::{
-    LogicalStream, PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent,
-    SnapshotAction, StreamConfig,
+    CreatedSlot, LogicalStream, PgOutputOptions, ReplicationClient, ReplicationError,
+    ReplicationEvent, SnapshotAction, StreamConfig,
 };
 use shadowmig::testpg::{self, ClusterConfig, TestCluster};
 
@@ -30,6 +30,30 @@ fn setup_schema(c: &TestCluster, db: &str) {
              CREATE TABLE unrelated (id serial PRIMARY KEY, v text); \
              CREATE PUBLICATION {} FOR TABLE {TABLE};",
             pub_ident()
+        ),
+    )
+    .unwrap();
+}
+
+/// A replication connection to `db` and a temporary pgoutput slot `name` on it.
+async fn temp_slot(c: &TestCluster, db: &str, name: &str) -> (ReplicationClient, CreatedSlot) {
+    let mut cl = ReplicationClient::connect(&c.url(db)).await.unwrap();
+    let slot = cl
+        .create_logical_slot(name, true, SnapshotAction::Nothing)
+        .await
+        .unwrap();
+    (cl, slot)
+}
+
+/// `txs` committed transactions of `rows` inserts each into the published table.
+fn insert_backlog(c: &TestCluster, db: &str, txs: usize, rows: usize) {
+    c.psql(
+        db,
+        &format!(
+            "DO $$ BEGIN FOR t IN 0..{} LOOP \
+               INSERT INTO {TABLE} SELECT t * {rows} + g, repeat('v', 50) FROM generate_series(1, {rows}) g; \
+               COMMIT; END LOOP; END $$",
+            txs - 1
         ),
     )
     .unwrap();
@@ -392,11 +416,7 @@ async fn slots_temporary_and_permanent_with_and_without_snapshot() {
 async fn stream_delivers_begin_relation_insert_commit_and_options() {
     let (c, db) = testpg::fresh_db("repl_stream").unwrap();
     setup_schema(c, &db);
-    let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
-    let slot = cl
-        .create_logical_slot("repl_stream", true, SnapshotAction::Nothing)
-        .await
-        .unwrap();
+    let (cl, slot) = temp_slot(c, &db, "repl_stream").await;
     let mut s = cl
         .start_logical(
             "repl_stream",
@@ -443,11 +463,7 @@ async fn stream_delivers_begin_relation_insert_commit_and_options() {
 
     // Every option at once (proto 2, binary, messages, streaming) is accepted, and messages
     // arrive.
-    let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
-    let slot = cl
-        .create_logical_slot("repl_stream_opts", true, SnapshotAction::Nothing)
-        .await
-        .unwrap();
+    let (cl, slot) = temp_slot(c, &db, "repl_stream_opts").await;
     let o = PgOutputOptions::new(2)
         .publication(PUBLICATION)
         .binary(true)
@@ -476,11 +492,7 @@ async fn stream_delivers_begin_relation_insert_commit_and_options() {
     s.shutdown().await.unwrap();
 
     // A publication that does not exist: a server error from the stream, not a hang.
-    let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
-    let slot = cl
-        .create_logical_slot("repl_stream_nopub", true, SnapshotAction::Nothing)
-        .await
-        .unwrap();
+    let (cl, slot) = temp_slot(c, &db, "repl_stream_nopub").await;
     let mut s = cl
         .start_logical(
             "repl_stream_nopub",
@@ -512,11 +524,7 @@ async fn keepalive_replies_outlive_a_short_wal_sender_timeout() {
         TestCluster::start(&ClusterConfig::default().setting("wal_sender_timeout", "2s")).unwrap();
     let db = c.create_database("ka").unwrap();
     setup_schema(&c, &db);
-    let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
-    let slot = cl
-        .create_logical_slot("ka", true, SnapshotAction::Nothing)
-        .await
-        .unwrap();
+    let (cl, slot) = temp_slot(&c, &db, "ka").await;
     // The interval alone (60 s) would let the server time out: only replies keep it alive.
     let cfg = StreamConfig::default().status_interval(Duration::from_secs(60));
     let mut s = cl
@@ -795,11 +803,7 @@ async fn slow_consumer_keeps_queue_bounded_connection_alive_and_loses_nothing() 
         TestCluster::start(&ClusterConfig::default().setting("wal_sender_timeout", "2s")).unwrap();
     let db = c.create_database("bp").unwrap();
     setup_schema(&c, &db);
-    let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
-    let slot = cl
-        .create_logical_slot("bp", true, SnapshotAction::Nothing)
-        .await
-        .unwrap();
+    let (cl, slot) = temp_slot(&c, &db, "bp").await;
     let cfg = StreamConfig::default()
         .channel_capacity(4)
         .status_interval(Duration::from_millis(500));
@@ -809,17 +813,7 @@ async fn slow_consumer_keeps_queue_bounded_connection_alive_and_loses_nothing() 
         .unwrap();
     const TXS: usize = 300;
     const ROWS: usize = 100;
-    c.psql(
-        &db,
-        &format!(
-            "DO $$ BEGIN FOR t IN 0..{} LOOP \
-               INSERT INTO {} SELECT t * {ROWS} + g, repeat('v', 50) FROM generate_series(1, {ROWS}) g; \
-               COMMIT; END LOOP; END $$",
-            TXS - 1,
-            TABLE
-        ),
-    )
-    .unwrap();
+    insert_backlog(&c, &db, TXS, ROWS);
     // Do not poll for longer than wal_sender_timeout: the queue must stay at its bound and the
     // writer's status updates must keep the connection alive.
     let until = Instant::now() + Duration::from_secs(5);
@@ -847,24 +841,11 @@ async fn slow_consumer_keeps_queue_bounded_connection_alive_and_loses_nothing() 
 async fn busy_reader_paces_reads_and_still_delivers_the_tail_and_a_lone_change() {
     let (c, db) = testpg::fresh_db("pace").unwrap();
     setup_schema(c, &db);
-    let mut cl = ReplicationClient::connect(&c.url(&db)).await.unwrap();
-    let slot = cl
-        .create_logical_slot("pace", true, SnapshotAction::Nothing)
-        .await
-        .unwrap();
+    let (cl, slot) = temp_slot(c, &db, "pace").await;
     // The backlog exists before the stream starts, so the walsender sends at full speed.
     const TXS: usize = 300;
     const ROWS: usize = 100;
-    c.psql(
-        &db,
-        &format!(
-            "DO $$ BEGIN FOR t IN 0..{} LOOP \
-               INSERT INTO {TABLE} SELECT t * {ROWS} + g, repeat('v', 50) FROM generate_series(1, {ROWS}) g; \
-               COMMIT; END LOOP; END $$",
-            TXS - 1
-        ),
-    )
-    .unwrap();
+    insert_backlog(c, &db, TXS, ROWS);
     // A mark far above what one commit carries, and a wait long enough to notice if the tail
     // were only released by some later event.
     let cfg = StreamConfig::default()

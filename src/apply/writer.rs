@@ -198,19 +198,8 @@ impl ApplyWriter {
         lsn: Lsn,
     ) -> Result<ApplyStats, ApplyError> {
         let start = Instant::now();
-        if let Some(w) = changes.windows(2).find(|w| w[1].lsn < w[0].lsn) {
-            return Err(ApplyError::InvalidBatch(format!(
-                "changes out of stream order: {} after {}",
-                w[1].lsn, w[0].lsn
-            )));
-        }
-        if let Some(last) = changes.last().filter(|c| c.lsn > lsn) {
-            // Progress below an applied change would replay it after later batches on restart.
-            return Err(ApplyError::InvalidBatch(format!(
-                "progress LSN {lsn} is below the batch's last change at {}",
-                last.lsn
-            )));
-        }
+        // Coalescing refuses changes out of stream order; `write_net` refuses a progress LSN
+        // below the last change.
         let net = coalesce(&self.plan.identity, changes)?;
         tracing::debug!(
             coalesce_ms = start.elapsed().as_millis() as u64,
@@ -233,6 +222,7 @@ impl ApplyWriter {
     ) -> Result<ApplyStats, ApplyError> {
         let start = Instant::now();
         if let Some(last) = net.last_lsn.filter(|&l| l > lsn) {
+            // Progress below an applied change would replay it after later batches on restart.
             return Err(ApplyError::InvalidBatch(format!(
                 "progress LSN {lsn} is below the batch's last change at {last}"
             )));
