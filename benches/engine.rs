@@ -136,14 +136,40 @@ impl Bench {
         )
     }
 
-    fn write_spec(&self, name: &str, db: &str, workers: u32, chunk_rows: u64) -> PathBuf {
+    /// The bench's migration spec, with the shadow table in the source database `db`, or in
+    /// `target_db` of the same cluster (where PostgreSQL 15's walsender skips our own writes
+    /// instead of decoding them: see BENCHMARKS "engine").
+    fn write_spec(
+        &self,
+        name: &str,
+        db: &str,
+        target_db: Option<&str>,
+        workers: u32,
+        chunk_rows: u64,
+    ) -> PathBuf {
+        self.write_spec_defer(name, db, target_db, workers, chunk_rows, false)
+    }
+
+    /// [`Bench::write_spec`], with `[copy] defer_indexes` set as given.
+    fn write_spec_defer(
+        &self,
+        name: &str,
+        db: &str,
+        target_db: Option<&str>,
+        workers: u32,
+        chunk_rows: u64,
+        defer: bool,
+    ) -> PathBuf {
+        let target_url = target_db
+            .map(|t| format!("url = \"{}\"\n", self.c.url(t)))
+            .unwrap_or_default();
         let spec = format!(
             r#"name = "{name}"
 [source]
 url = "{url}"
 table = "public.orders"
 [target]
-table = "public.orders_v2"
+{target_url}table = "public.orders_v2"
 create = """{target}"""
 [transform]
 total_amount_minor = "total_amount::bigint"
@@ -151,6 +177,7 @@ currency = "'USD'"
 [copy]
 chunk_rows = {chunk_rows}
 workers = {workers}
+defer_indexes = {defer}
 [throttle]
 max_lag_bytes = {max_lag}
 "#,
@@ -336,13 +363,13 @@ max_lag_bytes = {max_lag}
         );
     }
 
-    /// pg_recvlogical from `slot` to `end`, output discarded; seconds.
     /// CPU seconds the bench's cluster has used so far (see [`cluster_cpu`]).
     fn server_cpu(&self) -> f64 {
         self.c.pid().map_or(0.0, cluster_cpu)
     }
 
-    fn recvlogical(&self, db: &str, slot: &str, end: &str, options: &[&str]) -> f64 {
+    /// A pg_recvlogical command reading `slot` with pgoutput `options`, output discarded.
+    fn recvlogical_cmd(&self, db: &str, slot: &str, options: &[&str]) -> Command {
         let mut cmd = Command::new(self.c.bindir().join("pg_recvlogical"));
         cmd.args([
             "-h",
@@ -353,10 +380,17 @@ max_lag_bytes = {max_lag}
             self.c.superuser(),
         ])
         .args(["-d", db, "--slot", slot, "--start", "--no-loop"])
-        .args(["--endpos", end, "-f", "/dev/null"]);
+        .args(["-f", "/dev/null"]);
         for o in options {
             cmd.args(["-o", o]);
         }
+        cmd
+    }
+
+    /// pg_recvlogical from `slot` to `end`, output discarded; seconds.
+    fn recvlogical(&self, db: &str, slot: &str, end: &str, options: &[&str]) -> f64 {
+        let mut cmd = self.recvlogical_cmd(db, slot, options);
+        cmd.args(["--endpos", end]);
         let t = Instant::now();
         let out = cmd.output().expect("run pg_recvlogical");
         let secs = t.elapsed().as_secs_f64();
@@ -548,12 +582,19 @@ const EXPECTED_NATIVE: &str =
 
 fn backfill(b: &Bench) {
     let rows = env_u64("BENCH_BACKFILL_ROWS", 5_000_000);
-    let configs: Vec<(u32, u64)> = std::env::var("BENCH_BACKFILL_CONFIGS")
-        .unwrap_or_else(|_| "1x10000,2x10000,4x10000,1x50000,2x50000,4x50000".into())
+    // `<workers>x<chunk_rows>`, then `@other` for the shadow table in another database and
+    // `+defer` for `[copy] defer_indexes`, in either order.
+    let configs: Vec<(u32, u64, bool, bool)> = std::env::var("BENCH_BACKFILL_CONFIGS")
+        .unwrap_or_else(|_| {
+            "2x50000,4x50000,2x50000@other,2x50000+defer,2x50000@other+defer".into()
+        })
         .split(',')
         .filter_map(|s| {
-            let (w, c) = s.trim().split_once('x')?;
-            Some((w.parse().ok()?, c.parse().ok()?))
+            let s = s.trim();
+            let (other, defer) = (s.contains("@other"), s.contains("+defer"));
+            let s = s.split(['@', '+']).next()?;
+            let (w, c) = s.split_once('x')?;
+            Some((w.parse().ok()?, c.parse().ok()?, other, defer))
         })
         .collect();
     println!("== backfill: {rows} rows (load {})", loadavg());
@@ -609,9 +650,25 @@ fn backfill(b: &Bench) {
     b.checkpoint(&db);
 
     let mut ours = Vec::new();
-    for (workers, chunk) in &configs {
-        let name = format!("bf_w{workers}_c{chunk}");
-        let spec = b.write_spec(&name, &db, *workers, *chunk);
+    for (workers, chunk, other, defer) in &configs {
+        let name = format!(
+            "bf_w{workers}_c{chunk}{}{}",
+            if *other { "_other" } else { "" },
+            if *defer { "_defer" } else { "" }
+        );
+        let tdb = if *other {
+            b.c.create_database("bf_other").expect("database")
+        } else {
+            db.clone()
+        };
+        let spec = b.write_spec_defer(
+            &name,
+            &db,
+            other.then_some(tdb.as_str()),
+            *workers,
+            *chunk,
+            *defer,
+        );
         let log = b.dir.path().join(format!("{name}.log"));
         b.checkpoint(&db);
         b.stmts_reset(&db);
@@ -619,8 +676,17 @@ fn backfill(b: &Bench) {
         let r = spawn_run(&spec, &log, true, &log_level("info")).finish();
         b.stmts_report(&db);
         let bf = r.backfill_secs.unwrap_or(r.secs);
+        let place = format!(
+            "{}{}",
+            if *other {
+                ", target in another database"
+            } else {
+                ""
+            },
+            if *defer { ", constraints deferred" } else { "" }
+        );
         println!(
-            "  shadowmig workers={workers} chunk_rows={chunk}: {:.2} s to exit ({:.0} rows/s), backfill done at {:.2} s ({:.0} rows/s), peak RSS {:.1} MiB (load {load})",
+            "  shadowmig workers={workers} chunk_rows={chunk}{place}: {:.2} s to exit ({:.0} rows/s), backfill done at {:.2} s ({:.0} rows/s), peak RSS {:.1} MiB (load {load})",
             r.secs,
             rows as f64 / r.secs,
             bf,
@@ -628,12 +694,15 @@ fn backfill(b: &Bench) {
             r.peak_rss_mib
         );
         expect_equal(
-            &format!("shadowmig {workers}x{chunk}"),
+            &format!("shadowmig {workers}x{chunk}{place}"),
             &expected,
-            &b.checksum(&db, common::ORDERS_ACTUAL),
+            &b.checksum(&tdb, common::ORDERS_ACTUAL),
         );
         b.abort(&spec);
-        ours.push((*workers, *chunk, r));
+        if *other {
+            b.psql("postgres", &format!("DROP DATABASE \"{tdb}\""));
+        }
+        ours.push((*workers, *chunk, *other, *defer, r));
     }
     let is2 = insert_select(2);
 
@@ -641,22 +710,40 @@ fn backfill(b: &Bench) {
     let native_rate = rows as f64 / native_secs;
     println!("  --- backfill summary ({rows} rows) ---");
     println!("  INSERT … SELECT mean of 2: {is_rate:.0} rows/s; native initial sync {native_rate:.0} rows/s");
-    for (w, ch, r) in &ours {
+    for (w, ch, other, defer, r) in &ours {
         let rate = rows as f64 / r.secs;
+        let place = format!(
+            "{}{}",
+            if *other { "@other" } else { "" },
+            if *defer { "+defer" } else { "" }
+        );
         println!(
-            "  shadowmig {w}x{ch}: {rate:.0} rows/s wall = {:.2}x INSERT…SELECT, {:.2}x native; peak RSS {:.1} MiB",
+            "  shadowmig {w}x{ch}{place}: {rate:.0} rows/s wall = {:.2}x INSERT…SELECT, {:.2}x native; peak RSS {:.1} MiB",
             rate / is_rate,
             rate / native_rate,
             r.peak_rss_mib
         );
     }
-    if let Some((w, ch, r)) = ours
-        .iter()
-        .min_by(|a, b| a.2.secs.partial_cmp(&b.2.secs).expect("finite"))
-    {
+    for place in [false, true] {
+        let Some((w, ch, _, defer, r)) = ours
+            .iter()
+            .filter(|o| o.2 == place)
+            .min_by(|a, b| a.4.secs.partial_cmp(&b.4.secs).expect("finite"))
+        else {
+            continue;
+        };
         let rate = rows as f64 / r.secs;
+        let place = format!(
+            "target in {}{}",
+            if place {
+                "another database"
+            } else {
+                "the source database"
+            },
+            if *defer { ", constraints deferred" } else { "" }
+        );
         println!(
-            "  best: workers={w} chunk_rows={ch}: {rate:.0} rows/s = {:.2}x INSERT…SELECT (target 1.2x), {:.2}x native initial sync (target 2x)",
+            "  best, {place}: workers={w} chunk_rows={ch}: {rate:.0} rows/s = {:.2}x INSERT…SELECT (target 1.2x), {:.2}x native initial sync (target 2x)",
             rate / is_rate,
             rate / native_rate
         );
@@ -727,12 +814,37 @@ fn drain(b: &Bench) {
     let ndb = b.make_native_target("dr_native");
     b.native_subscribe(&db, &ndb, "dr_native", true, true);
     b.native_wait_ready(&ndb, "dr_native");
-    let spec = b.write_spec("dr", &db, 2, 50_000);
-    let r = spawn_run(&spec, &b.dir.path().join("dr_setup.log"), true, "info").finish();
-    println!(
-        "  initial backfill of {base} rows by shadowmig: {:.2} s",
-        r.secs
-    );
+    // Two shadowmig contenders: the shadow table in another database of the cluster (as
+    // native replication's target must be) and in the source database itself, where
+    // PostgreSQL 15's walsender also decodes shadowmig's own writes.
+    let xdb = b.c.create_database("dr_x").expect("database");
+    let contenders: Vec<(&str, String, PathBuf, String)> = vec![
+        (
+            "shadowmig, target in another database",
+            "drx".to_string(),
+            b.write_spec("drx", &db, Some(&xdb), 2, 50_000),
+            xdb.clone(),
+        ),
+        (
+            "shadowmig, target in the source database",
+            "dr".to_string(),
+            b.write_spec("dr", &db, None, 2, 50_000),
+            db.clone(),
+        ),
+    ];
+    for (cname, name, spec, _) in &contenders {
+        let r = spawn_run(
+            spec,
+            &b.dir.path().join(format!("{name}_setup.log")),
+            true,
+            "info",
+        )
+        .finish();
+        println!(
+            "  initial backfill of {base} rows by {cname}: {:.2} s",
+            r.secs
+        );
+    }
     let pub_opt = "publication_names=shadowmig_dr".to_string();
 
     let phases: Vec<(&str, String, u64)> = vec![
@@ -752,13 +864,15 @@ fn drain(b: &Bench) {
             continue;
         }
         // Everyone starts the phase caught up (earlier phases wrote WAL of their own).
-        spawn_run(
-            &spec,
-            &b.dir.path().join(format!("dr_pre{pi}.log")),
-            true,
-            "info",
-        )
-        .finish();
+        for (_, name, spec, _) in &contenders {
+            spawn_run(
+                spec,
+                &b.dir.path().join(format!("{name}_pre{pi}.log")),
+                true,
+                "info",
+            )
+            .finish();
+        }
         let now = b.lsn(&db);
         b.native_wait_lsn(&ndb, "dr_native", &now);
         b.native_disable(&db, &ndb, "dr_native");
@@ -803,26 +917,32 @@ fn drain(b: &Bench) {
             );
             recv.push((vname.to_string(), secs));
         }
-        b.stmts_reset(&db);
-        let load = loadavg();
-        let srv = b.server_cpu();
-        let r = spawn_run(
-            &spec,
-            &b.dir.path().join(format!("dr_{pi}.log")),
-            true,
-            &log_level("info"),
-        )
-        .finish();
-        let srv = b.server_cpu() - srv;
-        b.stmts_report(&db);
-        println!(
-            "  shadowmig run --exit-when-caught-up: {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load}; CPU: server {srv:.2} s, shadowmig {:.2} s; slot so far: {})",
-            r.secs,
-            n as f64 / r.secs,
-            r.peak_rss_mib,
-            r.cpu_secs,
-            b.slot_stats(&db, "shadowmig_dr")
-        );
+        // The other-database contender first: the source database's contender writes WAL
+        // into the source database, which any slot of it that starts earlier must decode.
+        let mut ours = Vec::new();
+        for (cname, name, spec, tdb) in &contenders {
+            b.stmts_reset(tdb);
+            let load = loadavg();
+            let srv = b.server_cpu();
+            let r = spawn_run(
+                spec,
+                &b.dir.path().join(format!("{name}_{pi}.log")),
+                true,
+                &log_level("info"),
+            )
+            .finish();
+            let srv = b.server_cpu() - srv;
+            b.stmts_report(tdb);
+            println!(
+                "  {cname}: run --exit-when-caught-up {:.2} s, {:.0} changes/s, peak RSS {:.1} MiB (load {load}; CPU: server {srv:.2} s, shadowmig {:.2} s; slot so far: {})",
+                r.secs,
+                n as f64 / r.secs,
+                r.peak_rss_mib,
+                r.cpu_secs,
+                b.slot_stats(&db, &format!("shadowmig_{name}"))
+            );
+            ours.push(r);
+        }
         let load = loadavg();
         let srv = b.server_cpu();
         let t = Instant::now();
@@ -846,35 +966,38 @@ fn drain(b: &Bench) {
             b.drop_slot(&db, s);
         }
         let expected = b.checksum(&db, common::ORDERS_EXPECTED);
-        expect_equal(
-            "shadowmig drain",
-            &expected,
-            &b.checksum(&db, common::ORDERS_ACTUAL),
-        );
+        for (cname, _, _, tdb) in &contenders {
+            expect_equal(cname, &expected, &b.checksum(tdb, common::ORDERS_ACTUAL));
+        }
         expect_equal(
             "native drain",
             &expected,
             &b.checksum(&ndb, EXPECTED_NATIVE),
         );
         let ref_rate = n as f64 / ((recv[0].1 + secs2) / 2.0);
-        let ours_rate = n as f64 / r.secs;
         let native_rate = n as f64 / native_secs;
         println!("  --- drain summary, {label}, {n} changes ---");
         println!(
-            "  shadowmig {ours_rate:.0}/s; pg_recvlogical p1 binary (mean of 2) {ref_rate:.0}/s; native {native_rate:.0}/s"
+            "  pg_recvlogical p1 binary (mean of 2) {ref_rate:.0}/s; native {native_rate:.0}/s"
         );
         for (vname, secs) in &recv {
             println!("  pg_recvlogical {vname}: {:.0}/s", n as f64 / secs);
         }
-        println!(
-            "  ratio shadowmig / pg_recvlogical = {:.2} (target 0.9); shadowmig / native = {:.2} (target > 1); peak RSS {:.1} MiB",
-            ours_rate / ref_rate,
-            ours_rate / native_rate,
-            r.peak_rss_mib
-        );
+        for ((cname, ..), r) in contenders.iter().zip(&ours) {
+            let rate = n as f64 / r.secs;
+            println!(
+                "  {cname}: {rate:.0}/s; ratio to pg_recvlogical = {:.2} (target 0.9); to native = {:.2} (target > 1); peak RSS {:.1} MiB",
+                rate / ref_rate,
+                rate / native_rate,
+                r.peak_rss_mib
+            );
+        }
     }
     b.native_drop(&db, &ndb, "dr_native");
-    b.abort(&spec);
+    for (_, _, spec, _) in &contenders {
+        b.abort(spec);
+    }
+    b.psql("postgres", &format!("DROP DATABASE \"{xdb}\""));
     b.psql("postgres", &format!("DROP DATABASE \"{ndb}\""));
     b.psql("postgres", &format!("DROP DATABASE \"{db}\""));
 }
@@ -954,7 +1077,18 @@ fn pgbench(b: &Bench) {
     )
     .expect("script");
     let mut results: Vec<(&str, f64, String)> = Vec::new();
-    let modes_fwd = ["alone", "shadowmig", "trigger", "native"];
+    // "recvlogical": pg_recvlogical reading a slot of the table and discarding what it gets,
+    // the floor any logical consumer sits on (the walsender's decoding and sending).
+    // "shadowmig other db": the shadow table in another database of the cluster, as native
+    // replication's target is.
+    let modes_fwd = [
+        "alone",
+        "recvlogical",
+        "shadowmig",
+        "shadowmig other db",
+        "trigger",
+        "native",
+    ];
     let mut round = 0;
     for rep in 0..reps {
         let order: Vec<&str> = if rep % 2 == 0 {
@@ -973,14 +1107,20 @@ fn pgbench(b: &Bench) {
                     println!("  alone: {tps:.0} tps (load {load})");
                     results.push((mode, tps, load));
                 }
-                "shadowmig" => {
-                    let spec = b.write_spec(&format!("pb{round}"), &db, 2, 50_000);
+                "shadowmig" | "shadowmig other db" => {
+                    let tdb = if mode == "shadowmig" {
+                        db.clone()
+                    } else {
+                        b.c.create_database("pb_other").expect("database")
+                    };
+                    let other = (tdb != db).then_some(tdb.as_str());
+                    let spec = b.write_spec(&format!("pb{round}"), &db, other, 2, 50_000);
                     let log = b.dir.path().join(format!("pb{round}.log"));
                     let w = spawn_run(&spec, &log, false, "info");
                     let deadline = Instant::now() + Duration::from_secs(1800);
                     loop {
                         let caught = b.c.psql(
-                            &db,
+                            &tdb,
                             &format!("SELECT caught_up_at IS NOT NULL FROM shadowmig.migrations WHERE name = 'pb{round}'"),
                         );
                         if matches!(caught.as_deref().map(str::trim), Ok("t")) {
@@ -1001,7 +1141,7 @@ fn pgbench(b: &Bench) {
                     );
                     loop {
                         let done = b.psql(
-                            &db,
+                            &tdb,
                             &format!("SELECT coalesce(bool_or(lsn >= '{lsn}'), false) FROM shadowmig.progress WHERE migration = 'pb{round}'"),
                         );
                         if done == "t" || t.elapsed() > Duration::from_secs(600) {
@@ -1012,7 +1152,7 @@ fn pgbench(b: &Bench) {
                     let lag = t.elapsed().as_secs_f64();
                     let r = w.terminate();
                     println!(
-                        "  shadowmig streaming: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped; peak RSS {:.1} MiB",
+                        "  {mode} streaming: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped; peak RSS {:.1} MiB",
                         r.peak_rss_mib
                     );
                     let r2 = spawn_run(
@@ -1024,11 +1164,53 @@ fn pgbench(b: &Bench) {
                     .finish();
                     let _ = r2;
                     expect_equal(
-                        "shadowmig under pgbench",
+                        &format!("{mode} under pgbench"),
                         &b.checksum(&db, common::ORDERS_EXPECTED),
-                        &b.checksum(&db, common::ORDERS_ACTUAL),
+                        &b.checksum(&tdb, common::ORDERS_ACTUAL),
                     );
                     b.abort(&spec);
+                    if tdb != db {
+                        b.psql("postgres", &format!("DROP DATABASE \"{tdb}\""));
+                    }
+                    results.push((mode, tps, load));
+                }
+                "recvlogical" => {
+                    let slot = format!("pb_recv_{round}");
+                    b.psql(
+                        &db,
+                        &format!("CREATE PUBLICATION {slot} FOR TABLE public.orders"),
+                    );
+                    b.create_slot(&db, &slot);
+                    let pub_opt = format!("publication_names={slot}");
+                    let mut child = b
+                        .recvlogical_cmd(&db, &slot, &["proto_version=1", "binary=true", &pub_opt])
+                        .args(["-s", "1", "-F", "1"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("start pg_recvlogical");
+                    let load = loadavg();
+                    let tps = pgbench_run(b, &db, &script, secs);
+                    let t = Instant::now();
+                    let end = b.lsn(&db);
+                    loop {
+                        let done = b.psql(
+                            &db,
+                            &format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+                        );
+                        if done == "t" || t.elapsed() > Duration::from_secs(600) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let lag = t.elapsed().as_secs_f64();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    println!(
+                        "  pg_recvlogical reading (p1 binary): {tps:.0} tps (load {load}); read up {lag:.2} s after the load stopped"
+                    );
+                    b.drop_slot(&db, &slot);
+                    b.psql(&db, &format!("DROP PUBLICATION {slot}"));
                     results.push((mode, tps, load));
                 }
                 "trigger" => {

@@ -155,36 +155,29 @@ async fn drop_target_and_state(
         )
         .await
         .map_err(db("removing progress"))?;
-    let has_reread: bool = tgt
-        .query_one("SELECT to_regclass('shadowmig.reread') IS NOT NULL", &[])
-        .await
-        .map_err(db("looking for the re-read table"))?
-        .get(0);
-    if has_reread {
-        removed += tgt
-            .execute(
-                "DELETE FROM shadowmig.reread WHERE migration = $1",
-                &[&spec.name],
+    // Tables that later versions added to the state schema: an older schema may lack them.
+    for (table, what) in [
+        ("reread", "pending re-reads"),
+        ("sampler_counters", "the sampler's counters"),
+        ("deferred_ddl", "the deferred constraints"),
+    ] {
+        let exists: bool = tgt
+            .query_one(
+                "SELECT to_regclass(format('shadowmig.%I', $1::text)) IS NOT NULL",
+                &[&table],
             )
             .await
-            .map_err(db("removing pending re-reads"))?;
-    }
-    let has_counters: bool = tgt
-        .query_one(
-            "SELECT to_regclass('shadowmig.sampler_counters') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(db("looking for the sampler's counters"))?
-        .get(0);
-    if has_counters {
-        removed += tgt
-            .execute(
-                "DELETE FROM shadowmig.sampler_counters WHERE migration = $1",
-                &[&spec.name],
-            )
-            .await
-            .map_err(db("removing the sampler's counters"))?;
+            .map_err(db("looking for a state table"))?
+            .get(0);
+        if exists {
+            removed += tgt
+                .execute(
+                    &format!("DELETE FROM shadowmig.{table} WHERE migration = $1"),
+                    &[&spec.name],
+                )
+                .await
+                .map_err(|e| AbortError(format!("removing {what}: {}", catalog::db_message(&e))))?;
+        }
     }
     removed += tgt
         .execute(

@@ -656,7 +656,16 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     if let Some(oid) = tgt_oid {
         let columns = catalog::columns(&tx, oid).await?;
         let idx = catalog::unique_indexes(&tx, oid).await?;
-        let key = catalog::row_key(&tx, oid).await?.map(|(_, c)| c);
+        let mut key = catalog::row_key(&tx, oid).await?.map(|(_, c)| c);
+        // A migration that defers its constraints (`[copy] defer_indexes`) has dropped its
+        // primary key until the backfill ends, and recorded it.
+        let mut deferred_note = "";
+        if key.is_none() {
+            if let Ok(Some(k)) = crate::state::deferred_key(&tx, &spec.name).await {
+                key = Some(k);
+                deferred_note = ", built when the backfill ends ([copy] defer_indexes)";
+            }
+        }
         let part = catalog::partitioning(&tx, oid).await?;
         let fks = catalog::foreign_keys(&tx, oid).await?;
         let part_note = match &part {
@@ -686,7 +695,10 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
                     _ => format!("add partitions (and a DEFAULT partition) to [target].create: CREATE TABLE … PARTITION OF {tgt_table} …"),
                 },
             ),
-            (Some(k), _) => ck.ok(TARGET_KEY, format!("({}){part_note}", k.join(", "))),
+            (Some(k), _) => ck.ok(
+                TARGET_KEY,
+                format!("({}){deferred_note}{part_note}", k.join(", ")),
+            ),
         }
         target = Some(TargetInfo {
             columns,
@@ -1357,16 +1369,31 @@ pub fn runbook(spec: &Spec) -> Vec<Step> {
             },
         },
         Step {
-            title: "Backfill by watermarked chunks".into(),
-            action: format!(
-                "{} worker(s) copy {src} in key order, {} rows per chunk, each chunk one short statement between low and high watermarks; paused while the slot holds more than {} bytes or apply lags more than {} ms{}",
-                spec.copy.workers,
-                spec.copy.chunk_rows,
-                spec.throttle.max_lag_bytes,
-                spec.throttle.max_apply_lag_ms,
-                spec.throttle.max_rows_per_sec.map(|r| format!(", at most {r} rows/s")).unwrap_or_default()
-            ),
-            locks: format!("ACCESS SHARE on {src} for one chunk's read (like any SELECT; no row locks; no snapshot held longer than one chunk); ROW EXCLUSIVE on {tgt}"),
+            title: if spec.copy.defer_indexes {
+                "Backfill first, constraints after ([copy] defer_indexes)".into()
+            } else {
+                "Backfill by watermarked chunks".into()
+            },
+            action: if spec.copy.defer_indexes {
+                format!(
+                    "when shadowmig creates {tgt}, its primary key and unique constraints are dropped in the same transaction and recorded; {} worker(s) copy {src} in key order, {} rows per chunk, by plain COPY into the bare table, with nothing streamed (the slot keeps all WAL from its creation meanwhile: [throttle] max_lag_bytes does not pause this copy); then the constraints are built in one transaction (maintenance_work_mem 256MB), and the stream is applied from the slot's creation",
+                    spec.copy.workers, spec.copy.chunk_rows
+                )
+            } else {
+                format!(
+                    "{} worker(s) copy {src} in key order, {} rows per chunk, each chunk one short statement between low and high watermarks; paused while the slot holds more than {} bytes or apply lags more than {} ms{}",
+                    spec.copy.workers,
+                    spec.copy.chunk_rows,
+                    spec.throttle.max_lag_bytes,
+                    spec.throttle.max_apply_lag_ms,
+                    spec.throttle.max_rows_per_sec.map(|r| format!(", at most {r} rows/s")).unwrap_or_default()
+                )
+            },
+            locks: if spec.copy.defer_indexes {
+                format!("ACCESS SHARE on {src} for one chunk's read (no row locks; no snapshot held longer than one chunk); ROW EXCLUSIVE on {tgt} while copying, then ACCESS EXCLUSIVE on {tgt} (nobody uses it yet) while the constraints are built")
+            } else {
+                format!("ACCESS SHARE on {src} for one chunk's read (like any SELECT; no row locks; no snapshot held longer than one chunk); ROW EXCLUSIVE on {tgt}")
+            },
             rollback: format!("`shadowmig pause SPEC` stops it at a chunk boundary; {abort} drops what was copied with the target table"),
         },
         Step {

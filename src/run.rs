@@ -38,12 +38,21 @@ use crate::spec::{quote_ident, quote_literal, Spec};
 use crate::stages::{RunStage, StageLog};
 use crate::state::{self, ChunkProgress, Direction};
 
+mod deferred;
+
 /// The prefix of shadowmig's logical messages (watermarks and sync markers).
 pub const MESSAGE_PREFIX: &str = "shadowmig";
 
 /// Read-ahead events beyond which `run` counts itself behind the source (see
 /// [`RunOptions::batch_max_delay`]).
 const BACKLOG_QUEUED: usize = 4096;
+
+/// Behind the source, a batch this large (in changes) is handed over as soon as the writer is
+/// free, whatever its age: the writer is the drain's slowest stage, so it must not wait for a
+/// batch to age while changes queue up (at the start of a drain it would idle for a whole
+/// batch's read). Not smaller, so that a writer faster than the reader still gets batches
+/// worth a commit (D25).
+const BACKLOG_EAGER_CHANGES: usize = 16_384;
 
 /// How `run` behaves beyond the spec.
 #[derive(Debug, Clone)]
@@ -231,16 +240,19 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
     let pk = catalog::primary_key(src, source_oid).await.map_err(cat)?;
     let target_oid = existing_table(tgt, &spec.target.table, "target").await?;
     let target_cols = catalog::columns(tgt, target_oid).await.map_err(cat)?;
-    let target_key = catalog::row_key(tgt, target_oid)
-        .await
-        .map_err(cat)?
-        .map(|(_, cols)| cols)
-        .ok_or_else(|| {
-            RunError::Setup(format!(
-                "target table {} has no primary key or usable unique index",
-                spec.target.table.quoted()
-            ))
-        })?;
+    let target_key = match catalog::row_key(tgt, target_oid).await.map_err(cat)? {
+        Some((_, cols)) => cols,
+        // Dropped by `[copy] defer_indexes` until the backfill ends (D26).
+        None => state::deferred_key(tgt, &spec.name)
+            .await
+            .map_err(|e| state_err("reading the deferred primary key", e))?
+            .ok_or_else(|| {
+                RunError::Setup(format!(
+                    "target table {} has no primary key or usable unique index",
+                    spec.target.table.quoted()
+                ))
+            })?,
+    };
     let has_source = |name: &str| source_columns.iter().any(|c| c.name == name);
     let need_pk = || {
         pk.clone().ok_or_else(|| {
@@ -611,10 +623,15 @@ pub async fn set_up(
         })?;
         // One transaction: a crash can never leave a table we created but did not record
         // (abort would then not know to drop it, and plan would refuse to resume).
-        let sql = format!(
+        let mut sql = format!(
             "{create};\nUPDATE shadowmig.migrations SET created_target = true WHERE name = {}",
             quote_literal(&spec.name)
         );
+        if spec.copy.defer_indexes {
+            // In the same transaction: the key is never gone without its recorded definition.
+            sql.push_str(";\n");
+            sql.push_str(&deferred::defer_sql(&spec.name, &spec.target.table));
+        }
         ddl_with_retries(tgt, &sql, lt).await?;
         tracing::info!(table = %spec.target.table.quoted(), "created the target table");
     }
@@ -631,6 +648,13 @@ async fn ensure_run_state(tgt: &Client) -> Result<(), RunError> {
              migration text NOT NULL,
              key text[] NOT NULL,
              PRIMARY KEY (migration, key)
+         );
+         CREATE TABLE IF NOT EXISTS shadowmig.deferred_ddl (
+             migration text NOT NULL,
+             seq int NOT NULL,
+             statement text NOT NULL,
+             key_columns text[],
+             PRIMARY KEY (migration, seq)
          );",
     )
     .await
@@ -901,6 +925,11 @@ impl Applier<'_> {
     /// Whether the batch has waited long enough to be flushed at the next boundary.
     fn due(&self, max_delay: Duration) -> bool {
         self.batch_started.is_some_and(|t| t.elapsed() >= max_delay)
+    }
+
+    /// True when no batch or large transaction is being written: a flush now would not wait.
+    fn writer_idle(&self) -> bool {
+        self.large.is_none() && self.inflight.as_ref().map_or(true, |h| h.is_finished())
     }
 
     /// True when the batch is empty and no batch is in flight: everything handed to the
@@ -1368,7 +1397,7 @@ async fn run_once(
     let src = catalog::connect(&spec.source.url)
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
-    let tgt = catalog::connect(&spec.target.url)
+    let mut tgt = catalog::connect(&spec.target.url)
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
     take_writer_lock(&tgt, spec, shutdown).await?;
@@ -1384,6 +1413,18 @@ async fn run_once(
         .await
         .map_err(|e| apply_err("reading progress", e))?;
     let mut copy_state = read_copy_state(&tgt, &spec.name).await?;
+    // With deferred constraints the whole copy comes first and nothing is streamed until the
+    // constraints are built; the stream then starts where the slot was created (D26).
+    let deferred = deferred::pending(&tgt, &spec.name).await?;
+    if !copy_state.done && (spec.copy.defer_indexes || !deferred.is_empty()) {
+        stages.set(RunStage::Backfill);
+        if !deferred::copy_all(spec, &prepared, &tgt, &mut copy_state, shutdown).await? {
+            return Ok(Outcome::Stopped);
+        }
+    }
+    if !deferred.is_empty() {
+        deferred::build(spec, &mut tgt, &deferred).await?;
+    }
     let pending_rereads: Vec<KeyValue> = tgt
         .query(
             "SELECT key FROM shadowmig.reread WHERE migration = $1",
@@ -1539,14 +1580,19 @@ async fn run_once(
             let _ = stream.shutdown().await;
             return Ok(Outcome::Stopped);
         }
-        // Behind the source (the read-ahead holds a backlog), a batch may grow for longer:
-        // the changes are late anyway, and a larger batch coalesces away more of them.
-        let max_delay = if stream.queued() >= BACKLOG_QUEUED {
+        // Behind the source (the read-ahead holds a backlog), a batch may grow for longer while
+        // the writer is busy: the changes are late anyway, and a larger batch coalesces away
+        // more of them. Once the writer is free it takes what is there (D25).
+        let behind = stream.queued() >= BACKLOG_QUEUED;
+        let max_delay = if behind {
             opts.batch_max_delay * 8
         } else {
             opts.batch_max_delay
         };
-        if txn.is_none() && ap.due(max_delay) {
+        let eager = behind
+            && ap.writer_idle()
+            && (ap.batch.changes() >= BACKLOG_EAGER_CHANGES || ap.due(opts.batch_max_delay / 5));
+        if txn.is_none() && (eager || ap.due(max_delay)) {
             ap.flush(&stream).await?;
             oldest_unapplied = None;
         }

@@ -428,6 +428,11 @@ pub struct CopySpec {
     pub chunk_rows: u64,
     /// Concurrent chunk readers (default 2).
     pub workers: u32,
+    /// Build the target's primary key and unique constraints after the backfill instead of
+    /// maintaining them row by row (default false): the copy runs first, without streaming,
+    /// then the constraints are built, then the stream is applied from the slot's start
+    /// (docs/DECISIONS.md D26).
+    pub defer_indexes: bool,
 }
 
 /// `[verify]`: the live verification sampler of `run` (see `sampler`).
@@ -578,6 +583,7 @@ struct RawTarget {
 struct RawCopy {
     chunk_rows: V,
     workers: V,
+    defer_indexes: V,
 }
 
 #[derive(Deserialize, Default)]
@@ -650,6 +656,17 @@ impl Ctx<'_> {
         match v {
             toml::Value::String(s) => Ok(s.clone()),
             other => Err(self.err(field, format!("expected {what}, got {}", show(other)))),
+        }
+    }
+
+    fn boolean(&self, field: &str, v: &V, default: bool) -> Result<bool, SpecError> {
+        match v {
+            None => Ok(default),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(other) => Err(self.err(
+                field,
+                format!("expected true or false, got {}", show(other)),
+            )),
         }
     }
 
@@ -880,6 +897,7 @@ impl Spec {
                 100_000_000,
             )?,
             workers: cx.positive("[copy].workers", &c.workers, DEFAULT_WORKERS as u64, 64)? as u32,
+            defer_indexes: cx.boolean("[copy].defer_indexes", &c.defer_indexes, false)?,
         };
 
         let t = raw.throttle.unwrap_or_default();

@@ -215,6 +215,66 @@ pub async fn read_copy_progress<C: GenericClient>(
         .collect()
 }
 
+/// A target constraint whose build `run` deferred to the end of the backfill
+/// (`[copy] defer_indexes`), as recorded in `shadowmig.deferred_ddl` when it was dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredConstraint {
+    /// Build order.
+    pub seq: i32,
+    /// The `ALTER TABLE … ADD CONSTRAINT …` that builds it again.
+    pub statement: String,
+    /// For the primary key: its columns, the key apply matches rows by once it is built.
+    pub key_columns: Option<Vec<String>>,
+}
+
+/// The constraints of `migration` still waiting to be built, in build order; none when the
+/// state table does not exist (a schema older than `defer_indexes`, or no `run` yet).
+pub async fn deferred_constraints<C: GenericClient>(
+    client: &C,
+    migration: &str,
+) -> Result<Vec<DeferredConstraint>, StateError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('shadowmig.deferred_ddl') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(db("look for deferred constraints"))?
+        .try_get(0)
+        .map_err(db("look for deferred constraints"))?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT seq, statement, key_columns FROM shadowmig.deferred_ddl \
+             WHERE migration = $1 ORDER BY seq",
+            &[&migration],
+        )
+        .await
+        .map_err(db("read deferred constraints"))?;
+    rows.iter()
+        .map(|r| {
+            Ok(DeferredConstraint {
+                seq: r.try_get(0).map_err(db("read deferred constraints"))?,
+                statement: r.try_get(1).map_err(db("read deferred constraints"))?,
+                key_columns: r.try_get(2).map_err(db("read deferred constraints"))?,
+            })
+        })
+        .collect()
+}
+
+/// The primary key columns of `migration`'s target while its build is deferred.
+pub async fn deferred_key<C: GenericClient>(
+    client: &C,
+    migration: &str,
+) -> Result<Option<Vec<String>>, StateError> {
+    Ok(deferred_constraints(client, migration)
+        .await?
+        .into_iter()
+        .find_map(|c| c.key_columns))
+}
+
 /// A row of `shadowmig.migrations`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationRow {

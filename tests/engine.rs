@@ -63,9 +63,12 @@ fn orders_backfill_alone_matches() {
 /// random points and restarted, target = transform(source) after catch-up.
 fn crash_run(seed: u64) {
     let (c, db) = testpg::fresh_db(&format!("engine_crash_{seed}")).unwrap();
-    // Odd seeds hand chunk rows to the stream's apply; even seeds use the bulk path, on a
-    // table big enough (≈ 100 chunks) that most kills land in the middle of the backfill.
-    let bulk = if seed % 2 == 0 { "1" } else { "0" };
+    // Seeds ≡ 1 (mod 3) hand chunk rows to the stream's apply; the others use the bulk path,
+    // on a table big enough (≈ 100 chunks) that most kills land in the middle of the
+    // backfill; seeds ≡ 2 (mod 3) defer the target's constraints to the end of the copy, so
+    // kills also land between the copy, the build and the stream (D26).
+    let bulk = if seed % 3 == 1 { "0" } else { "1" };
+    let deferred = seed % 3 == 2;
     setup(c, &db, if bulk == "1" { 30_000 } else { 4000 });
     // A history of every row change with its transaction, to explain a failure.
     c.psql(
@@ -81,7 +84,16 @@ fn crash_run(seed: u64) {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(&dir, &format!("crash_{seed}"), &c.url(&db), 300);
+    let spec = dir.path().join(format!("crash_{seed}.toml"));
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            &format!("crash_{seed}"),
+            &c.url(&db),
+            &format!("[copy]\nchunk_rows = 300\nworkers = 2\ndefer_indexes = {deferred}\n"),
+        ),
+    )
+    .unwrap();
     let log = dir.path().join("runs.log");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -152,7 +164,15 @@ fn crash_run(seed: u64) {
         bulk == "1",
         "seed {seed}: the backfill did not take the expected path"
     );
-    eprintln!("seed {seed} (bulk {bulk}): {kills} kills, {stats:?}");
+    assert_eq!(
+        runs.contains("backfill with deferred constraints"),
+        deferred,
+        "seed {seed}: deferred constraints expected: {deferred}"
+    );
+    if deferred {
+        assert_deferred_built(c, &db, &format!("crash_{seed}"));
+    }
+    eprintln!("seed {seed} (bulk {bulk}, deferred {deferred}): {kills} kills, {stats:?}");
     // Free the slot: many seeds share one cluster with a fixed number of slots.
     let out = shadowmig(&["abort", spec.to_str().unwrap()])
         .output()
@@ -171,9 +191,28 @@ fn seeds(default: std::ops::Range<u64>) -> std::ops::Range<u64> {
         .unwrap_or(default)
 }
 
+/// After a run with `[copy] defer_indexes`: the target has its primary key again and nothing
+/// is left recorded as deferred.
+fn assert_deferred_built(c: &TestCluster, db: &str, migration: &str) {
+    let pk = c
+        .psql(
+            db,
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'public.orders_v2'::regclass AND contype = 'p'",
+        )
+        .unwrap();
+    assert_eq!(pk.trim(), "PRIMARY KEY (customer_id, id)");
+    let left = c
+        .psql(
+            db,
+            &format!("SELECT count(*) FROM shadowmig.deferred_ddl WHERE migration = '{migration}'"),
+        )
+        .unwrap();
+    assert_eq!(left.trim(), "0");
+}
+
 #[test]
 fn concurrent_workload_with_kill_9_many_seeds() {
-    for seed in seeds(1..3) {
+    for seed in seeds(1..4) {
         crash_run(seed);
     }
 }
@@ -782,6 +821,108 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
     ] {
         assert!(log.contains(line), "log lacks {line:?}:\n{log}");
     }
+}
+
+/// `[copy] defer_indexes`: the key is dropped while the history is copied (plan still passes
+/// and says why), changes made meanwhile are applied after the constraints are built, and
+/// rows the copy left twice (as a killed run's chunk writer can) are removed before the build.
+#[test]
+fn deferred_constraints_are_built_after_the_copy_even_over_duplicate_rows() {
+    let (c, db) = testpg::fresh_db("engine_deferred").unwrap();
+    setup(c, &db, 20_000);
+    c.psql(&db, "ANALYZE orders").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("deferred_mig.toml");
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            "deferred_mig",
+            &c.url(&db),
+            "[copy]\nchunk_rows = 100\nworkers = 1\ndefer_indexes = true\n[throttle]\nmax_rows_per_sec = 4000\n",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    wait_backfill_started(&spec);
+    common::assert_ok(
+        &shadowmig(&["pause", spec.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let copied = status_json(&spec)["copy"]["rows_copied"]
+        .as_i64()
+        .unwrap_or(0);
+    assert!(copied > 0 && copied < 20_000, "paused mid-copy: {copied}");
+    let keys = c
+        .psql(
+            &db,
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'public.orders_v2'::regclass AND contype IN ('p', 'u')",
+        )
+        .unwrap();
+    assert_eq!(keys.trim(), "0", "the key is built after the copy");
+    let plan = shadowmig(&["plan", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.status.success() && text.contains("built when the backfill ends"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let verify = shadowmig(&["verify", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(verify.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&verify.stderr).contains("defer_indexes builds it"),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // Rows written twice, and source changes the stream must apply after the build.
+    c.psql(
+        &db,
+        "INSERT INTO orders_v2 SELECT * FROM orders_v2 ORDER BY id LIMIT 50;
+         UPDATE orders SET status = 'during', note = NULL WHERE id % 10 = 0;
+         DELETE FROM orders WHERE id % 97 = 0;
+         UPDATE orders SET customer_id = customer_id + 1 WHERE id % 31 = 0;
+         INSERT INTO orders (customer_id, total_amount, status, note, created_at)
+         SELECT 1 + i % 13, i, 'new', 'late', now() FROM generate_series(1, 500) i;",
+    )
+    .unwrap();
+    common::assert_ok(
+        &shadowmig(&["resume", spec.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(90)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    assert_deferred_built(c, &db, "deferred_mig");
+    let log = std::fs::read_to_string(&log).unwrap();
+    for line in [
+        "backfill with deferred constraints: copying before streaming",
+        "backfill paused by the operator",
+        "backfill with deferred constraints: copy done",
+        "removed the extra copies",
+        "constraints built",
+    ] {
+        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
+    }
+    // Streaming goes on as usual afterwards.
+    c.psql(&db, "UPDATE orders SET status = 'after' WHERE id % 7 = 0")
+        .unwrap();
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+    common::assert_ok(
+        &shadowmig(&["abort", spec.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
 }
 
 fn metric(body: &str, name: &str) -> Option<f64> {

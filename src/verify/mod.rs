@@ -229,15 +229,26 @@ async fn build_shape(
     let tcols = catalog::columns(target, toid)
         .await
         .map_err(cat("target"))?;
-    let (_, tkey) = catalog::row_key(target, toid)
+    let Some((_, tkey)) = catalog::row_key(target, toid)
         .await
         .map_err(cat("target"))?
-        .ok_or_else(|| {
-            VerifyError::Setup(format!(
+    else {
+        let deferred = matches!(
+            crate::state::deferred_key(target, &spec.name).await,
+            Ok(Some(_))
+        );
+        return Err(VerifyError::Setup(if deferred {
+            format!(
+                "target table {} has no primary key yet: [copy] defer_indexes builds it when the backfill ends; verify once `shadowmig status` shows the backfill done",
+                spec.target.table
+            )
+        } else {
+            format!(
                 "target table {} has no primary key or usable unique index to compare rows by",
                 spec.target.table
-            ))
-        })?;
+            )
+        }));
+    };
     let defaults = constant_defaults(target, toid).await?;
     for k in spec.transform.keys() {
         if !tcols.iter().any(|c| &c.name == k) {
