@@ -51,6 +51,7 @@ fn good_spec_and_defaults() {
     assert_eq!(s.reverse["total_amount"], "total_amount_minor::integer");
     assert_eq!(s.copy.chunk_rows, 10_000);
     assert_eq!(s.copy.workers, 2);
+    assert!(!s.copy.defer_indexes, "off by default");
     assert_eq!(s.throttle.max_lag_bytes, 1 << 30);
     assert_eq!(s.throttle.max_apply_lag_ms, 30_000);
     assert_eq!(s.throttle.max_replica_lag_bytes, None);
@@ -69,6 +70,7 @@ fn every_field_can_be_set() {
 [copy]
 chunk_rows = 500
 workers = 4
+defer_indexes = true
 [throttle]
 max_lag_bytes = 1000
 max_apply_lag_ms = 200
@@ -86,6 +88,7 @@ listen = \"[::1]:6000\"
     );
     let s = Spec::parse(&text, "m.toml").unwrap();
     assert_eq!((s.copy.chunk_rows, s.copy.workers), (500, 4));
+    assert!(s.copy.defer_indexes);
     assert_eq!(s.throttle.max_replica_lag_bytes, Some(3000));
     assert_eq!(s.throttle.max_rows_per_sec, Some(50_000));
     assert_eq!(s.throttle.lock_timeout_ms, 1500);
@@ -118,6 +121,11 @@ fn bad_numbers_name_the_field() {
     assert_eq!(
         e,
         "spec migration.toml: [copy].chunk_rows: expected a positive integer, got -5"
+    );
+    let e = err(&format!("{GOOD}\n[copy]\ndefer_indexes = \"yes\"\n"));
+    assert_eq!(
+        e,
+        "spec migration.toml: [copy].defer_indexes: expected true or false, got \"yes\""
     );
     let e = err(&format!("{GOOD}\n[copy]\nworkers = \"two\"\n"));
     assert_eq!(
@@ -165,7 +173,9 @@ fn unknown_fields_are_rejected_with_line_and_table() {
     assert!(e.starts_with("spec migration.toml: line "), "{e}");
     assert!(e.contains("in [copy]"), "{e}");
     assert!(
-        e.contains("unknown field `chunk_row`, expected `chunk_rows` or `workers`"),
+        e.contains(
+            "unknown field `chunk_row`, expected one of `chunk_rows`, `workers`, `defer_indexes`"
+        ),
         "{e}"
     );
     let e = err(&format!("{GOOD}\n[copyy]\nchunk_rows = 5\n"));
