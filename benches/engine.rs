@@ -5,16 +5,20 @@
 //!
 //! - `backfill`: `BENCH_BACKFILL_ROWS` (default 5,000,000) orders rows; `INSERT … SELECT`
 //!   (twice, before and after), native initial sync, and `run --exit-when-caught-up` for each
-//!   `[copy]` setting in `BENCH_BACKFILL_CONFIGS` (default `1x10000,2x10000,4x10000,1x50000,
-//!   2x50000,4x50000`, i.e. workers x chunk_rows).
+//!   `[copy]` setting in `BENCH_BACKFILL_CONFIGS` (default `2x50000,4x50000,2x50000@other,
+//!   2x50000+defer,2x50000@other+defer`: workers x chunk_rows, `@other` for the shadow table
+//!   in another database of the cluster, `+defer` for `[copy] defer_indexes`).
 //! - `drain`: a backlog of `BENCH_DRAIN_CHANGES` (default 1,000,000) changes, 70 % updates by
 //!   random id and 30 % inserts, in transactions of 5, then one transaction of
 //!   `BENCH_DRAIN_LARGE` (default the same) changes, over a table of `BENCH_DRAIN_BASE`
-//!   (default 100,000) rows; `run --exit-when-caught-up` vs `pg_recvlogical --endpos` vs a
-//!   native subscription, each from the same starting point.
+//!   (default 100,000) rows; `run --exit-when-caught-up` (the shadow table in another
+//!   database, then in the source database) vs `pg_recvlogical --endpos` vs a native
+//!   subscription, each from the same starting point.
 //! - `pgbench`: a write mix (1 insert + 2 updates by random id per transaction) for
 //!   `BENCH_PGBENCH_SECS` (default 30) seconds with `-c 4 -j 2`, `BENCH_PGBENCH_REPS` (default
-//!   2) rounds of: alone, shadowmig streaming, a mirroring trigger, native logical replication.
+//!   2) rounds of: alone, pg_recvlogical reading a slot (the floor of any logical consumer),
+//!   shadowmig streaming (into the source database, and into another), a mirroring trigger,
+//!   native logical replication.
 //!
 //! Every result table is checked against transform(source) with a multiset checksum (row
 //! count and the sum of a 60-bit md5 prefix of every row's text); a mismatch aborts the bench.
