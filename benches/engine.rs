@@ -1057,6 +1057,14 @@ END $$;
 CREATE TRIGGER orders_mirror AFTER INSERT OR UPDATE OR DELETE ON public.orders
   FOR EACH ROW EXECUTE FUNCTION public.orders_mirror();";
 
+/// Polls `sql` (one boolean) in `db` every 20 ms until it is true, for at most 10 minutes.
+fn poll_until_true(b: &Bench, db: &str, sql: &str) {
+    let t = Instant::now();
+    while b.psql(db, sql) != "t" && t.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn pgbench(b: &Bench) {
     let base = env_u64("BENCH_PGBENCH_ROWS", 500_000);
     let secs = env_u64("BENCH_PGBENCH_SECS", 30);
@@ -1143,16 +1151,11 @@ fn pgbench(b: &Bench) {
                         &db,
                         "UPDATE public.orders SET status = 'marker' WHERE id = 1",
                     );
-                    loop {
-                        let done = b.psql(
-                            &tdb,
-                            &format!("SELECT coalesce(bool_or(lsn >= '{lsn}'), false) FROM shadowmig.progress WHERE migration = 'pb{round}'"),
-                        );
-                        if done == "t" || t.elapsed() > Duration::from_secs(600) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+                    poll_until_true(
+                        b,
+                        &tdb,
+                        &format!("SELECT coalesce(bool_or(lsn >= '{lsn}'), false) FROM shadowmig.progress WHERE migration = 'pb{round}'"),
+                    );
                     let lag = t.elapsed().as_secs_f64();
                     let r = w.terminate();
                     println!(
@@ -1197,16 +1200,11 @@ fn pgbench(b: &Bench) {
                     let tps = pgbench_run(b, &db, &script, secs);
                     let t = Instant::now();
                     let end = b.lsn(&db);
-                    loop {
-                        let done = b.psql(
-                            &db,
-                            &format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = '{slot}'"),
-                        );
-                        if done == "t" || t.elapsed() > Duration::from_secs(600) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+                    poll_until_true(
+                        b,
+                        &db,
+                        &format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+                    );
                     let lag = t.elapsed().as_secs_f64();
                     let _ = child.kill();
                     let _ = child.wait();

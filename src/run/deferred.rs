@@ -62,10 +62,16 @@ END"
 }
 
 /// A chunk being read: its upper bound, and the task that returns its rows and the reader's
-/// connection.
+/// connection. Dropped unfinished (a failure, shutdown), it stops the read.
 struct Reading {
     hi: Option<KeyValue>,
     task: JoinHandle<(Client, Result<TargetRows, CopyError>)>,
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Copies every chunk after the frontier into the target, in key order, `[copy] workers`
@@ -176,18 +182,17 @@ pub(super) async fn copy_all(
             });
             lo = hi;
         }
-        let Some(next) = reading.pop_front() else {
+        let Some(mut next) = reading.pop_front() else {
             break false;
         };
-        let (client, rows) = next
-            .task
+        let (client, rows) = (&mut next.task)
             .await
             .map_err(|e| RunError::Fatal(format!("a chunk reader failed: {e}")))?;
         idle.push(client);
         let rows = rows.map_err(|e| copy_error("reading a chunk", e))?;
         let n = rows.len();
         copy_state.rows_copied += n as i64;
-        match next.hi {
+        match next.hi.take() {
             Some(hi) => copy_state.frontier = Some(hi),
             None => copy_state.done = true,
         }
@@ -220,9 +225,7 @@ pub(super) async fn copy_all(
             );
         }
     };
-    for r in reading {
-        r.task.abort();
-    }
+    drop(reading);
     pool.wait_idle()
         .await
         .map_err(|e| super::apply_err("writing a backfill chunk", e))?;
