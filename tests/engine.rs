@@ -379,6 +379,65 @@ fn abort_stops_a_running_migration_and_frees_the_slot() {
     );
 }
 
+/// With `[copy] defer_indexes` no slot consumer runs during the copy; abort must still stop
+/// the run and leave nothing behind.
+#[test]
+fn abort_during_a_deferred_copy_leaves_nothing_behind() {
+    let (c, db) = testpg::fresh_db("engine_abort_deferred").unwrap();
+    setup(c, &db, 20_000);
+    c.psql(&db, "ANALYZE orders").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("abort_deferred.toml");
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            "abort_deferred",
+            &c.url(&db),
+            "[copy]\nchunk_rows = 100\nworkers = 2\ndefer_indexes = true\n[throttle]\nmax_rows_per_sec = 2000\n",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    wait_backfill_started(&spec);
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the run stops with an error: {status:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // The only migration of the database: abort drops the state schema with its tables.
+    let left = c
+        .psql(
+            &db,
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()) || ' ' ||
+                    (SELECT count(*) FROM pg_publication) || ' ' ||
+                    (to_regclass('public.orders_v2') IS NULL) || ' ' ||
+                    (SELECT count(*) FROM pg_namespace WHERE nspname = 'shadowmig')",
+        )
+        .unwrap();
+    assert_eq!(
+        left.trim(),
+        "0 0 true 0",
+        "slots, publications, table, state schema"
+    );
+    // Nothing recreated it after the abort.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        )
+        .unwrap()
+        .trim(),
+        "0"
+    );
+}
+
 #[test]
 fn source_ddl_mid_run_pauses_with_a_message_and_loses_nothing() {
     let (c, db) = testpg::fresh_db("engine_ddl").unwrap();

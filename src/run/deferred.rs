@@ -136,7 +136,15 @@ pub(super) async fn copy_all(
         // `shadowmig pause SPEC` holds the copy at a chunk boundary, as it does the other path.
         if last_control.elapsed() >= Duration::from_secs(1) || paused {
             last_control = Instant::now();
-            let m = state::read_migration(tgt, &spec.name).await.ok().flatten();
+            let m = match state::read_migration(tgt, &spec.name).await {
+                Ok(Some(m)) => Some(m),
+                // `shadowmig abort` removed the migration: nothing is left to copy into.
+                Ok(None) => return Err(RunError::Fatal(format!(
+                    "migration {} was aborted while its backfill ran (its state is gone); stopping",
+                    spec.name
+                ))),
+                Err(_) => None,
+            };
             let now = m.as_ref().is_some_and(|m| m.paused);
             // `shadowmig throttle --chunk-rows` applies from the next chunk planned.
             if let Some(n) = m
