@@ -2085,6 +2085,26 @@ impl Progress {
         }
     }
 
+    /// The copy of a deferred-constraint backfill (D26): rows only, nothing is streamed yet.
+    fn copy_only(&mut self, copy: &CopyState) {
+        if self.last.elapsed() < Duration::from_millis(200) && !copy.done {
+            return;
+        }
+        self.last = Instant::now();
+        let copied = copy.rows_copied.max(0) as u64;
+        if copied > self.bar.length().unwrap_or(0) {
+            self.bar.set_length(copied);
+        }
+        self.bar.set_position(copied);
+        if copy.done {
+            self.bar
+                .finish_with_message("copied; building the constraints");
+        } else {
+            self.bar
+                .set_message("constraints deferred: nothing streamed yet");
+        }
+    }
+
     fn update(&mut self, copy: &CopyState, applied: u64, position: Lsn) {
         if self.last.elapsed() < Duration::from_millis(200) {
             return;

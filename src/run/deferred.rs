@@ -21,7 +21,7 @@ use tokio_postgres::Client;
 
 use super::{
     catalog, pg_err, quote_ident, quote_literal, start_bulk, state_err, CopyState, Prepared,
-    RunError,
+    Progress, RunError,
 };
 use crate::copy::{CopyError, KeyValue, TargetRows};
 use crate::spec::{QualifiedName, Spec};
@@ -121,6 +121,8 @@ pub(super) async fn copy_all(
         workers,
         "backfill with deferred constraints: copying before streaming"
     );
+    // A bar on a terminal (indicatif draws nothing otherwise); log lines every 5 s either way.
+    let mut bar = Progress::new(estimate.max(0) as u64);
     let started = Instant::now();
     let start_rows = copy_state.rows_copied;
     let mut last_log = Instant::now();
@@ -139,10 +141,12 @@ pub(super) async fn copy_all(
             let m = match state::read_migration(tgt, &spec.name).await {
                 Ok(Some(m)) => Some(m),
                 // `shadowmig abort` removed the migration: nothing is left to copy into.
-                Ok(None) => return Err(RunError::Fatal(format!(
+                Ok(None) => {
+                    return Err(RunError::Fatal(format!(
                     "migration {} was aborted while its backfill ran (its state is gone); stopping",
                     spec.name
-                ))),
+                )))
+                }
                 Err(_) => None,
             };
             let now = m.as_ref().is_some_and(|m| m.paused);
@@ -207,6 +211,7 @@ pub(super) async fn copy_all(
         pool.submit(rows.data, n as u64, copy_state.checkpoint())
             .await
             .map_err(|e| super::apply_err("writing a backfill chunk", e))?;
+        bar.copy_only(copy_state);
         // `[throttle] max_rows_per_sec` paces the copy.
         if let Some(limit) = spec.throttle.max_rows_per_sec.filter(|&l| l > 0) {
             let due = Duration::from_secs_f64(
