@@ -1376,7 +1376,7 @@ pub fn runbook(spec: &Spec) -> Vec<Step> {
             },
             action: if spec.copy.defer_indexes {
                 format!(
-                    "when shadowmig creates {tgt}, its primary key and unique constraints are dropped in the same transaction and recorded; {} worker(s) copy {src} in key order, {} rows per chunk, by plain COPY into the bare table, with nothing streamed (the slot keeps all WAL from its creation meanwhile: [throttle] max_lag_bytes does not pause this copy); then the constraints are built in one transaction (maintenance_work_mem 256MB), and the stream is applied from the slot's creation",
+                    "when shadowmig creates {tgt}, its primary key, unique constraints and indexes are dropped in the same transaction and recorded; {} worker(s) copy {src} in key order, {} rows per chunk, by plain COPY into the bare table, with nothing streamed (the slot keeps all WAL from its creation meanwhile: [throttle] max_lag_bytes does not pause this copy); then the constraints are built in one transaction (maintenance_work_mem 256MB), and the stream is applied from the slot's creation",
                     spec.copy.workers, spec.copy.chunk_rows
                 )
             } else {

@@ -428,9 +428,9 @@ pub struct CopySpec {
     pub chunk_rows: u64,
     /// Concurrent chunk readers (default 2).
     pub workers: u32,
-    /// Build the target's primary key and unique constraints after the backfill instead of
-    /// maintaining them row by row (default false): the copy runs first, without streaming,
-    /// then the constraints are built, then the stream is applied from the slot's start
+    /// Build the target's primary key, unique constraints and indexes after the backfill
+    /// instead of maintaining them row by row (default false): the copy runs first, without
+    /// streaming, then they are built, then the stream is applied from the slot's start
     /// (docs/DECISIONS.md D26).
     pub defer_indexes: bool,
 }

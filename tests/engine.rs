@@ -892,12 +892,17 @@ fn deferred_constraints_are_built_after_the_copy_even_over_duplicate_rows() {
     c.psql(&db, "ANALYZE orders").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("deferred_mig.toml");
+    // A secondary index too, named so that its definition holds "ON ONLY" twice.
     std::fs::write(
         &spec,
         common::orders_spec(
             "deferred_mig",
             &c.url(&db),
             "[copy]\nchunk_rows = 100\nworkers = 1\ndefer_indexes = true\n[throttle]\nmax_rows_per_sec = 4000\n",
+        )
+        .replace(
+            "PARTITION BY HASH (customer_id);",
+            "PARTITION BY HASH (customer_id);\nCREATE INDEX \"by ON ONLY created\" ON public.orders_v2 (created_at);",
         ),
     )
     .unwrap();
@@ -921,6 +926,13 @@ fn deferred_constraints_are_built_after_the_copy_even_over_duplicate_rows() {
         )
         .unwrap();
     assert_eq!(keys.trim(), "0", "the key is built after the copy");
+    let indexes = c
+        .psql(
+            &db,
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'public.orders_v2'::regclass",
+        )
+        .unwrap();
+    assert_eq!(indexes.trim(), "0", "and so are the other indexes");
     let plan = shadowmig(&["plan", spec.to_str().unwrap()])
         .output()
         .unwrap();
@@ -962,6 +974,18 @@ fn deferred_constraints_are_built_after_the_copy_even_over_duplicate_rows() {
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
     assert_deferred_built(c, &db, "deferred_mig");
+    let secondary = c
+        .psql(
+            &db,
+            "SELECT x.indisvalid || ' ' || (SELECT count(*) FROM pg_inherits WHERE inhparent = x.indexrelid)
+               FROM pg_index x WHERE x.indexrelid = 'public.\"by ON ONLY created\"'::regclass",
+        )
+        .unwrap();
+    assert_eq!(
+        secondary.trim(),
+        "true 4",
+        "the secondary index, on every partition"
+    );
     let log = std::fs::read_to_string(&log).unwrap();
     for line in [
         "backfill with deferred constraints: copying before streaming",

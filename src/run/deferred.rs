@@ -1,7 +1,7 @@
 //! `run`'s backfill with deferred constraints (`[copy] defer_indexes`, D26): when shadowmig
-//! creates the target table it drops the table's primary key and unique constraints, recording
-//! how to build them again; the history is then copied by plain binary `COPY` into the bare
-//! table, with nothing streamed; the constraints are built in one transaction; and only then
+//! creates the target table it drops the table's primary key, unique constraints and indexes,
+//! recording how to build them again; the history is then copied by plain binary `COPY` into
+//! the bare table, with nothing streamed; they are built in one transaction; and only then
 //! does the stream start, from the slot's creation, applying every change since over the
 //! copied rows (a change is a full image or a delete, so each key ends at its last change —
 //! the argument D19 makes for a restart).
@@ -27,9 +27,9 @@ use crate::copy::{CopyError, KeyValue, TargetRows};
 use crate::spec::{QualifiedName, Spec};
 use crate::state;
 
-/// SQL, run in the transaction that creates the target, that drops its primary key and
-/// unique constraints and records them in `shadowmig.deferred_ddl` (the primary key first,
-/// with its columns). A table without a primary key keeps everything: apply then matches rows
+/// SQL, run in the transaction that creates the target, that drops its primary key, unique
+/// constraints and plain indexes and records them in `shadowmig.deferred_ddl` (the primary
+/// key first, with its columns). A table without a primary key keeps everything: apply then matches rows
 /// by a unique index, which must exist from the start.
 pub(super) fn defer_sql(migration: &str, table: &QualifiedName) -> String {
     let t = quote_literal(&table.quoted());
@@ -54,6 +54,23 @@ BEGIN
     VALUES ({m}, n, format('ALTER TABLE %s ADD CONSTRAINT %I %s', {t}, r.conname, r.def),
             CASE WHEN r.contype = 'p' THEN r.cols END);
     EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', {t}, r.conname);
+  END LOOP;
+  -- Plain indexes (no constraint behind them). On a partitioned table the definition reads
+  -- `ON ONLY`, which would build the parent's index alone: the rebuild must cover every
+  -- partition, as the original did.
+  FOR r IN
+    SELECT i.indexrelid::regclass::text AS name,
+           regexp_replace(pg_get_indexdef(i.indexrelid),
+                          '^(CREATE (UNIQUE )?INDEX (\"([^\"]|\"\")+\"|[^ ]+) ON) ONLY ', '\\1 ') AS def
+      FROM pg_index i
+     WHERE i.indrelid = {t}::regclass
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+     ORDER BY 1
+  LOOP
+    n := n + 1;
+    INSERT INTO shadowmig.deferred_ddl (migration, seq, statement, key_columns)
+    VALUES ({m}, n, r.def, NULL);
+    EXECUTE 'DROP INDEX ' || r.name;
   END LOOP;
 END"
     );
