@@ -66,7 +66,8 @@ pub struct RunOptions {
     pub batch_changes: usize,
     /// Flush a batch (at a transaction boundary) once its net effect touches this many rows.
     /// A batch holds net rows, not changes (a key changed many times costs one row), so under
-    /// a backlog a large batch coalesces away much of the work.
+    /// a backlog a large batch coalesces away much of the work. `SHADOWMIG_BATCH_ROWS`
+    /// overrides the default of 250,000 (diagnosis and benchmarks).
     pub batch_rows: usize,
     /// ... or once its net rows take this many bytes of memory (`SHADOWMIG_BATCH_BYTES`
     /// overrides the default of 64 MiB, for diagnosis and benchmarks).
@@ -89,7 +90,7 @@ impl Default for RunOptions {
         RunOptions {
             exit_when_caught_up: false,
             batch_changes: 20_000,
-            batch_rows: 250_000,
+            batch_rows: env_usize("SHADOWMIG_BATCH_ROWS").unwrap_or(250_000),
             batch_bytes: env_usize("SHADOWMIG_BATCH_BYTES").unwrap_or(64 << 20),
             batch_idle: Duration::from_millis(20),
             batch_max_delay: Duration::from_millis(250),
