@@ -29,8 +29,9 @@ use crate::state;
 
 /// SQL, run in the transaction that creates the target, that drops its primary key, unique
 /// constraints and plain indexes and records them in `shadowmig.deferred_ddl` (the primary
-/// key first, with its columns). A table without a primary key keeps everything: apply then matches rows
-/// by a unique index, which must exist from the start.
+/// key first, with its columns). A table without a primary key keeps everything: apply then
+/// matches rows by a unique index, which must exist from the start. Exclusion constraints, and
+/// indexes a constraint depends on (a foreign key elsewhere), stay too.
 pub(super) fn defer_sql(migration: &str, table: &QualifiedName) -> String {
     let t = quote_literal(&table.quoted());
     let m = quote_literal(migration);
