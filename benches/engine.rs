@@ -142,20 +142,8 @@ impl Bench {
 
     /// The bench's migration spec, with the shadow table in the source database `db`, or in
     /// `target_db` of the same cluster (where PostgreSQL 15's walsender skips our own writes
-    /// instead of decoding them: see BENCHMARKS "engine").
+    /// instead of decoding them: see BENCHMARKS "engine"), and `[copy] defer_indexes = defer`.
     fn write_spec(
-        &self,
-        name: &str,
-        db: &str,
-        target_db: Option<&str>,
-        workers: u32,
-        chunk_rows: u64,
-    ) -> PathBuf {
-        self.write_spec_defer(name, db, target_db, workers, chunk_rows, false)
-    }
-
-    /// [`Bench::write_spec`], with `[copy] defer_indexes` set as given.
-    fn write_spec_defer(
         &self,
         name: &str,
         db: &str,
@@ -665,7 +653,7 @@ fn backfill(b: &Bench) {
         } else {
             db.clone()
         };
-        let spec = b.write_spec_defer(
+        let spec = b.write_spec(
             &name,
             &db,
             other.then_some(tdb.as_str()),
@@ -826,13 +814,13 @@ fn drain(b: &Bench) {
         (
             "shadowmig, target in another database",
             "drx".to_string(),
-            b.write_spec("drx", &db, Some(&xdb), 2, 50_000),
+            b.write_spec("drx", &db, Some(&xdb), 2, 50_000, false),
             xdb.clone(),
         ),
         (
             "shadowmig, target in the source database",
             "dr".to_string(),
-            b.write_spec("dr", &db, None, 2, 50_000),
+            b.write_spec("dr", &db, None, 2, 50_000, false),
             db.clone(),
         ),
     ];
@@ -1126,7 +1114,7 @@ fn pgbench(b: &Bench) {
                         b.c.create_database("pb_other").expect("database")
                     };
                     let other = (tdb != db).then_some(tdb.as_str());
-                    let spec = b.write_spec(&format!("pb{round}"), &db, other, 2, 50_000);
+                    let spec = b.write_spec(&format!("pb{round}"), &db, other, 2, 50_000, false);
                     let log = b.dir.path().join(format!("pb{round}.log"));
                     let w = spawn_run(&spec, &log, false, "info");
                     let deadline = Instant::now() + Duration::from_secs(1800);
