@@ -26,6 +26,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -435,36 +436,123 @@ fn children_cpu() -> f64 {
     tv_secs(ru.ru_utime) + tv_secs(ru.ru_stime)
 }
 
-/// CPU seconds used so far by a PostgreSQL cluster: the postmaster, its exited children
-/// (reaped by it: `cutime`/`cstime`) and its live ones (walsenders, backends, checkpointer…).
-fn cluster_cpu(postmaster: i32) -> f64 {
-    let fields = |pid: &str| -> Option<Vec<u64>> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name, which may hold spaces.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        Some(rest.split(' ').map(|f| f.parse().unwrap_or(0)).collect())
-    };
-    // rest[0] is field 3 (state): ppid is field 4, utime..cstime fields 14..17.
-    let mut ticks = 0u64;
-    if let Some(f) = fields(&postmaster.to_string()) {
-        ticks += f[11] + f[12] + f[13] + f[14];
-    }
+/// Fields of `/proc/PID/stat` after the parenthesised command name (which may hold spaces):
+/// `[0]` is field 3 (state), `[1]` ppid, `[11]..[14]` utime, stime, cutime, cstime (ticks).
+fn proc_stat(pid: &str) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split(' ').map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: plain libc call.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
+/// CPU ticks (user + system) of every live child of `postmaster`, by pid.
+fn child_ticks(postmaster: i32) -> HashMap<i32, u64> {
+    let mut out = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if !name.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
-            if let Some(f) = fields(&name) {
+            if let (Some(f), Ok(pid)) = (proc_stat(&name), name.parse::<i32>()) {
                 if f[1] == postmaster as u64 {
-                    ticks += f[11] + f[12];
+                    out.insert(pid, f[11] + f[12]);
                 }
             }
         }
     }
-    // SAFETY: plain libc call.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
+    out
+}
+
+/// CPU seconds (user + system) of one live process, 0 once it is gone.
+fn pid_cpu(pid: i32) -> f64 {
+    proc_stat(&pid.to_string()).map_or(0.0, |f| (f[11] + f[12]) as f64 / clock_ticks())
+}
+
+/// CPU seconds used so far by a PostgreSQL cluster: the postmaster, its exited children
+/// (reaped by it: `cutime`/`cstime`) and its live ones (walsenders, backends, checkpointer…).
+fn cluster_cpu(postmaster: i32) -> f64 {
+    let mut ticks: u64 = child_ticks(postmaster).values().sum();
+    if let Some(f) = proc_stat(&postmaster.to_string()) {
+        ticks += f[11] + f[12] + f[13] + f[14];
+    }
+    ticks as f64 / clock_ticks()
+}
+
+/// Where a stretch of load spent the CPU: the cluster's processes by what they are
+/// (`pg_stat_activity`: walsenders and client backends by `application_name`, background
+/// processes by type), the rest of the cluster (processes that exited meanwhile, such as
+/// pgbench's backends), and client processes measured by the caller.
+struct CpuProfile {
+    postmaster: i32,
+    start_cluster: f64,
+    start: HashMap<i32, u64>,
+    started: Instant,
+}
+
+impl CpuProfile {
+    fn start(b: &Bench) -> CpuProfile {
+        let postmaster = b.c.pid().unwrap_or(0);
+        CpuProfile {
+            postmaster,
+            start_cluster: cluster_cpu(postmaster),
+            start: child_ticks(postmaster),
+            started: Instant::now(),
+        }
+    }
+
+    /// One line: CPU seconds per class over the stretch, and the share of the machine's
+    /// cores each took. `clients` are (name, CPU seconds) measured by the caller.
+    fn report(self, b: &Bench, db: &str, clients: &[(&str, f64)]) -> String {
+        let wall = self.started.elapsed().as_secs_f64();
+        let hz = clock_ticks();
+        let classes: HashMap<i32, String> = b
+            .psql(
+                db,
+                "SELECT string_agg(pid || '=' || CASE WHEN backend_type IN ('client backend', 'walsender') \
+                 THEN backend_type || ' ' || coalesce(nullif(application_name, ''), '?') \
+                 ELSE backend_type END, ';') FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+            )
+            .split(';')
+            .filter_map(|kv| {
+                let (p, c) = kv.split_once('=')?;
+                Some((p.parse().ok()?, c.replace("client backend ", "")))
+            })
+            .collect();
+        let now = child_ticks(self.postmaster);
+        let mut by: BTreeMap<String, f64> = BTreeMap::new();
+        let mut live = 0.0;
+        for (pid, t) in &now {
+            let d = t.saturating_sub(self.start.get(pid).copied().unwrap_or(0)) as f64 / hz;
+            live += d;
+            let class = classes.get(pid).cloned().unwrap_or_else(|| "other".into());
+            *by.entry(class).or_default() += d;
+        }
+        let total = cluster_cpu(self.postmaster) - self.start_cluster;
+        by.insert(
+            "exited (e.g. pgbench backends)".into(),
+            (total - live).max(0.0),
+        );
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+        let mut parts: Vec<String> = by
+            .iter()
+            .filter(|(_, &v)| v >= 0.05)
+            .map(|(k, v)| format!("{k} {v:.1} s"))
+            .collect();
+        for (k, v) in clients {
+            parts.push(format!("client {k} {v:.1} s"));
+        }
+        let all = total + clients.iter().map(|c| c.1).sum::<f64>();
+        format!(
+            "CPU over {wall:.1} s ({:.0} % of {cores} cores): {}",
+            100.0 * all / (wall * cores),
+            parts.join(", ")
+        )
+    }
 }
 
 fn spawn_run(spec: &Path, log: &Path, exit_when_caught_up: bool, level: &str) -> Watched {
@@ -1027,6 +1115,26 @@ fn pgbench_run(b: &Bench, db: &str, script: &Path, secs: u64) -> f64 {
     }
 }
 
+/// [`pgbench_run`] with the CPU it and every other process took meanwhile (see
+/// [`CpuProfile`]); `watch` are client processes to account for, by name and pid.
+fn pgbench_profiled(
+    b: &Bench,
+    db: &str,
+    script: &Path,
+    secs: u64,
+    watch: &[(&str, i32)],
+) -> (f64, String) {
+    let before: Vec<f64> = watch.iter().map(|w| pid_cpu(w.1)).collect();
+    let pgbench_before = children_cpu();
+    let p = CpuProfile::start(b);
+    let tps = pgbench_run(b, db, script, secs);
+    let mut clients: Vec<(&str, f64)> = vec![("pgbench", children_cpu() - pgbench_before)];
+    for (w, b0) in watch.iter().zip(before) {
+        clients.push((w.0, pid_cpu(w.1) - b0));
+    }
+    (tps, p.report(b, db, &clients))
+}
+
 const MIRROR_TRIGGER: &str = "
 CREATE FUNCTION public.orders_mirror() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -1081,7 +1189,8 @@ fn pgbench(b: &Bench) {
     // the floor any logical consumer sits on (the walsender's decoding and sending).
     // "shadowmig other db": the shadow table in another database of the cluster, as native
     // replication's target is.
-    let modes_fwd = [
+    // BENCH_PGBENCH_MODES picks some of them (comma-separated), e.g. for a profile.
+    let all_modes = [
         "alone",
         "recvlogical",
         "shadowmig",
@@ -1089,6 +1198,11 @@ fn pgbench(b: &Bench) {
         "trigger",
         "native",
     ];
+    let picked = std::env::var("BENCH_PGBENCH_MODES").unwrap_or_default();
+    let modes_fwd: Vec<&str> = all_modes
+        .into_iter()
+        .filter(|m| picked.is_empty() || picked.split(',').any(|p| p.trim() == *m))
+        .collect();
     let mut round = 0;
     for rep in 0..reps {
         let order: Vec<&str> = if rep % 2 == 0 {
@@ -1103,8 +1217,8 @@ fn pgbench(b: &Bench) {
             match mode {
                 "alone" => {
                     let load = loadavg();
-                    let tps = pgbench_run(b, &db, &script, secs);
-                    println!("  alone: {tps:.0} tps (load {load})");
+                    let (tps, cpu) = pgbench_profiled(b, &db, &script, secs, &[]);
+                    println!("  alone: {tps:.0} tps (load {load})\n    {cpu}");
                     results.push((mode, tps, load));
                 }
                 "shadowmig" | "shadowmig other db" => {
@@ -1130,7 +1244,10 @@ fn pgbench(b: &Bench) {
                         std::thread::sleep(Duration::from_millis(200));
                     }
                     let load = loadavg();
-                    let tps = pgbench_run(b, &db, &script, secs);
+                    b.stmts_reset(&tdb);
+                    let (tps, cpu) =
+                        pgbench_profiled(b, &db, &script, secs, &[("shadowmig", w.pid)]);
+                    b.stmts_report(&tdb);
                     let t = Instant::now();
                     // A marker transaction after the load: its commit is past `lsn`, and
                     // shadowmig's progress row holds the commit LSN of what it applied.
@@ -1147,7 +1264,7 @@ fn pgbench(b: &Bench) {
                     let lag = t.elapsed().as_secs_f64();
                     let r = w.terminate();
                     println!(
-                        "  {mode} streaming: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped; peak RSS {:.1} MiB",
+                        "  {mode} streaming: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped; peak RSS {:.1} MiB\n    {cpu}",
                         r.peak_rss_mib
                     );
                     let r2 = spawn_run(
@@ -1185,7 +1302,13 @@ fn pgbench(b: &Bench) {
                         .spawn()
                         .expect("start pg_recvlogical");
                     let load = loadavg();
-                    let tps = pgbench_run(b, &db, &script, secs);
+                    let (tps, cpu) = pgbench_profiled(
+                        b,
+                        &db,
+                        &script,
+                        secs,
+                        &[("pg_recvlogical", child.id() as i32)],
+                    );
                     let t = Instant::now();
                     let end = b.lsn(&db);
                     poll_until_true(
@@ -1197,7 +1320,7 @@ fn pgbench(b: &Bench) {
                     let _ = child.kill();
                     let _ = child.wait();
                     println!(
-                        "  pg_recvlogical reading (p1 binary): {tps:.0} tps (load {load}); read up {lag:.2} s after the load stopped"
+                        "  pg_recvlogical reading (p1 binary): {tps:.0} tps (load {load}); read up {lag:.2} s after the load stopped\n    {cpu}"
                     );
                     b.drop_slot(&db, &slot);
                     b.psql(&db, &format!("DROP PUBLICATION {slot}"));
@@ -1212,8 +1335,8 @@ fn pgbench(b: &Bench) {
                     b.psql(&db, MIRROR_TRIGGER);
                     b.checkpoint(&db);
                     let load = loadavg();
-                    let tps = pgbench_run(b, &db, &script, secs);
-                    println!("  trigger capture: {tps:.0} tps (load {load})");
+                    let (tps, cpu) = pgbench_profiled(b, &db, &script, secs, &[]);
+                    println!("  trigger capture: {tps:.0} tps (load {load})\n    {cpu}");
                     b.psql(&db, "DROP TRIGGER orders_mirror ON public.orders; DROP FUNCTION public.orders_mirror()");
                     expect_equal(
                         "trigger capture",
@@ -1231,13 +1354,13 @@ fn pgbench(b: &Bench) {
                     b.native_wait_lsn(&ndb, "pb_native", &now);
                     b.checkpoint(&db);
                     let load = loadavg();
-                    let tps = pgbench_run(b, &db, &script, secs);
+                    let (tps, cpu) = pgbench_profiled(b, &db, &script, secs, &[]);
                     let t = Instant::now();
                     let end = b.lsn(&db);
                     b.native_wait_lsn(&ndb, "pb_native", &end);
                     let lag = t.elapsed().as_secs_f64();
                     println!(
-                        "  native logical replication: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped"
+                        "  native logical replication: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped\n    {cpu}"
                     );
                     expect_equal(
                         "native under pgbench",
@@ -1258,7 +1381,7 @@ fn pgbench(b: &Bench) {
     };
     let alone = mean("alone");
     println!("  --- pgbench summary ({secs} s runs) ---");
-    for m in modes_fwd {
+    for &m in &modes_fwd {
         let all: Vec<String> = results
             .iter()
             .filter(|r| r.0 == m)

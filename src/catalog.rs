@@ -87,11 +87,22 @@ pub fn db_message(e: &tokio_postgres::Error) -> String {
 
 /// Connects to `url` (10 s connect timeout) and spawns the connection task.
 pub async fn connect(url: &DbUrl) -> Result<tokio_postgres::Client, CatalogError> {
+    connect_as(url, "").await
+}
+
+/// [`connect`] with `application_name` `shadowmig <role>` (just `shadowmig` when `role` is
+/// empty), so that `pg_stat_activity` tells a DBA which of a run's sessions is which — the
+/// apply writer, a copy worker, the sampler — and what each costs.
+pub async fn connect_as(url: &DbUrl, role: &str) -> Result<tokio_postgres::Client, CatalogError> {
     let mut config = url.config().clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
-    config.application_name("shadowmig");
+    if role.is_empty() {
+        config.application_name("shadowmig");
+    } else {
+        config.application_name(format!("shadowmig {role}"));
+    }
     let (client, conn) =
         config
             .connect(tokio_postgres::NoTls)

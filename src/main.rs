@@ -140,7 +140,20 @@ fn run_command(path: &std::path::Path, exit_when_caught_up: bool) -> i32 {
             exit_when_caught_up,
             ..Default::default()
         };
-        match shadowmig::run::run(&spec, &text, &opts, shutdown).await {
+        // The run goes on a worker thread rather than block_on's own: the stream's reader,
+        // the event loop and the batch writer then wake each other on the same worker (a
+        // task woken by a task runs next on its thread) instead of through a futex to the
+        // main thread — per source commit under a steady load (BENCHMARKS.md, pgbench).
+        let run =
+            tokio::spawn(async move { shadowmig::run::run(&spec, &text, &opts, shutdown).await });
+        let result = match run.await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("shadowmig run: internal error: {e}");
+                return 1;
+            }
+        };
+        match result {
             Ok(shadowmig::run::Outcome::Stopped) => {
                 tracing::info!("stopped: the last batch is committed and confirmed");
                 0

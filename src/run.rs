@@ -459,7 +459,7 @@ async fn start_bulk(
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
         clients.push(
-            catalog::connect(&spec.target.url)
+            catalog::connect_as(&spec.target.url, "copy writer")
                 .await
                 .map_err(|e| RunError::Connection(e.to_string()))?,
         );
@@ -1398,7 +1398,7 @@ async fn run_once(
     let src = catalog::connect(&spec.source.url)
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
-    let mut tgt = catalog::connect(&spec.target.url)
+    let mut tgt = catalog::connect_as(&spec.target.url, "apply")
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
     take_writer_lock(&tgt, spec, shutdown).await?;
@@ -1440,7 +1440,7 @@ async fn run_once(
                 .and_then(|k| unhex_key(&k))
         })
         .collect();
-    let control = catalog::connect(&spec.target.url)
+    let control = catalog::connect_as(&spec.target.url, "control")
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
 
@@ -2266,7 +2266,7 @@ async fn copier(
     // Sized for the most workers an operator may ask for; `shared.workers` caps how many
     // chunks are read at once, and connections are opened as they are first needed.
     let permits = Arc::new(Semaphore::new(MAX_WORKERS));
-    let planner_client = match catalog::connect(&spec.source.url).await {
+    let planner_client = match catalog::connect_as(&spec.source.url, "copy").await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("backfill: cannot connect to the source: {e}");
@@ -2335,7 +2335,7 @@ async fn copier(
             return;
         };
         while worker_clients.len() < workers {
-            match catalog::connect(&spec.source.url).await {
+            match catalog::connect_as(&spec.source.url, "copy").await {
                 Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
                 Err(e) => {
                     tracing::error!("backfill: cannot connect to the source: {e}");

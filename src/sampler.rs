@@ -326,16 +326,16 @@ impl Worker {
     async fn open(spec: &Spec, key: &[KeyColumn]) -> Result<Worker, VerifyError> {
         let opts = VerifyOptions {
             settle_timeout: Duration::from_secs(30),
+            role: "sampler",
             ..VerifyOptions::default()
         };
         let ctx = VerifyContext::open(spec, &opts).await?;
-        let state =
-            catalog::connect(&spec.target.url)
-                .await
-                .map_err(|source| VerifyError::Catalog {
-                    side: "target",
-                    source,
-                })?;
+        let state = catalog::connect_as(&spec.target.url, "sampler")
+            .await
+            .map_err(|source| VerifyError::Catalog {
+                side: "target",
+                source,
+            })?;
         ensure_counters(&state, &spec.name).await?;
         let q = Queries::new(&ctx, key);
         // The target is searched by the narrowest unique part of the identity it carries as

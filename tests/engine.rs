@@ -1078,6 +1078,20 @@ fn prometheus_metrics_report_copy_and_apply() {
         body.contains("shadowmig_batch_lag_seconds_bucket{le=\"0.5\"}"),
         "{body}"
     );
+    // pg_stat_activity tells a run's sessions apart (and what each costs the server).
+    let names = c
+        .psql(
+            &db,
+            "SELECT string_agg(DISTINCT application_name, ',' ORDER BY application_name) \
+             FROM pg_stat_activity WHERE application_name LIKE 'shadowmig%'",
+        )
+        .unwrap();
+    for role in ["shadowmig apply", "shadowmig control", "shadowmig sampler"] {
+        assert!(
+            names.split(',').any(|n| n.trim() == role),
+            "{role} not in {names}"
+        );
+    }
     assert_eq!(sigterm(&mut child).code(), Some(0));
     // Human log lines carry the stage fields as plain `key=value`, no colour codes in a file.
     let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();

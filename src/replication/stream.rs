@@ -679,41 +679,132 @@ fn handle_frame(
     }
 }
 
-/// Paces the reader of a TCP socket with the receive low-water mark (SO_RCVLOWAT).
+/// What [`PacePolicy`] asks of the socket's receive low-water mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// Leave it as it is.
+    Keep,
+    /// Raise it to the busy mark: wake the reader once per that many bytes.
+    Raise,
+    /// Drop it to 1 byte: whatever is waiting becomes readable at once.
+    Drop,
+}
+
+/// Reads within one `wait` that make a stream of small messages busy even below the byte
+/// mark: from about 1,000 wake-ups a second, each commit of a steady write load (pgbench's)
+/// would otherwise wake the reader, and the walsender's `send` would wake it, on its own.
+const BUSY_READS: u32 = 8;
+
+/// When the receive low-water mark goes up and down: the decisions of [`Pacer`], without the
+/// socket, so that they can be tested as they are.
 ///
-/// Idle, the mark is 1 byte: every message wakes the reader at once. Once `lowat` bytes
-/// arrive within `wait`, the stream is busy: the mark goes up to `lowat`, so the kernel wakes
-/// the reader once per that many bytes instead of once per message — the walsender's `send` no
-/// longer pays for a wake-up each time, and the reader takes hundreds of messages per read.
-/// When `wait` passes without that much data, the mark drops back to 1, which makes whatever
-/// is waiting readable at once (Linux re-checks readiness whenever the mark changes), so no
-/// message waits in the socket longer than `wait`. Linux also wakes the reader below the mark
-/// when the receive buffer is under pressure or the window nearly closed.
-struct Pacer {
-    fd: RawFd,
+/// Idle, the mark is 1 byte: every message wakes the reader at once. The stream turns busy
+/// when, within `wait`, `lowat` bytes arrive (a backlog) or [`BUSY_READS`] reads are needed (a
+/// steady trickle of small transactions); the mark then goes up to `lowat`. When `wait` passes
+/// without that much data the mark drops to 1, which makes whatever is waiting readable at
+/// once (Linux re-checks readiness whenever the mark changes), so no message waits in the
+/// socket longer than `wait`. If that read finds at least `trickle` bytes the stream is still
+/// busy — the mark goes straight back up, and a steady load is read once per `wait` instead of
+/// once per commit; otherwise the stream is idle again.
+#[derive(Debug)]
+struct PacePolicy {
     lowat: usize,
+    trickle: usize,
     wait: Duration,
     busy: bool,
-    /// Idle: when the current measuring window started, and the bytes read in it.
+    /// The mark was dropped by a timeout; the next read decides busy or idle.
+    draining: bool,
+    /// Idle: when the current measuring window started, and the bytes and reads in it.
     window_start: Instant,
     window_bytes: usize,
+    window_reads: u32,
+}
+
+impl PacePolicy {
+    fn new(lowat: usize, wait: Duration, now: Instant) -> Self {
+        PacePolicy {
+            lowat,
+            trickle: (lowat / 32).max(1),
+            wait,
+            busy: false,
+            draining: false,
+            window_start: now,
+            window_bytes: 0,
+            window_reads: 0,
+        }
+    }
+
+    /// A read of `n` bytes at `now`.
+    fn on_read(&mut self, n: usize, now: Instant) -> Mark {
+        if self.busy {
+            return Mark::Keep;
+        }
+        if std::mem::take(&mut self.draining) && n >= self.trickle {
+            self.busy = true;
+            return Mark::Raise;
+        }
+        if now.duration_since(self.window_start) > self.wait {
+            self.window_start = now;
+            self.window_bytes = 0;
+            self.window_reads = 0;
+        }
+        self.window_bytes += n;
+        self.window_reads += 1;
+        if self.window_bytes >= self.lowat || self.window_reads >= BUSY_READS {
+            self.busy = true;
+            self.window_start = now;
+            self.window_bytes = 0;
+            self.window_reads = 0;
+            return Mark::Raise;
+        }
+        Mark::Keep
+    }
+
+    /// `wait` passed while busy without a completed read.
+    fn on_timeout(&mut self, now: Instant) -> Mark {
+        self.busy = false;
+        self.draining = true;
+        self.window_start = now;
+        self.window_bytes = 0;
+        self.window_reads = 0;
+        Mark::Drop
+    }
+
+    /// The mark could not be changed as asked: `raised` is what was tried. A mark that could
+    /// not be raised leaves the stream idle; one that could not be dropped leaves it busy, so
+    /// that the timer keeps reads going.
+    fn mark_failed(&mut self, raised: bool) {
+        self.busy = !raised;
+        self.draining = false;
+    }
+}
+
+/// Paces the reader of a TCP socket with the receive low-water mark (SO_RCVLOWAT), as
+/// [`PacePolicy`] decides. Linux also wakes the reader below the mark when the receive buffer
+/// is under pressure or the window nearly closed.
+struct Pacer {
+    fd: RawFd,
+    policy: PacePolicy,
 }
 
 impl Pacer {
     fn new(fd: RawFd, lowat: usize, wait: Duration) -> Self {
         Pacer {
             fd,
-            lowat,
-            wait,
-            busy: false,
-            window_start: Instant::now(),
-            window_bytes: 0,
+            policy: PacePolicy::new(lowat, wait, Instant::now()),
         }
     }
 
-    /// Sets SO_RCVLOWAT. Failure only costs speed, never data: the mark stays what it was and
-    /// the reader stays idle.
-    fn set_lowat(&mut self, bytes: usize, shared: &Shared) -> bool {
+    fn busy(&self) -> bool {
+        self.policy.busy
+    }
+
+    fn wait(&self) -> Duration {
+        self.policy.wait
+    }
+
+    /// Sets SO_RCVLOWAT. Failure only costs speed, never data: the mark stays what it was.
+    fn set_lowat(&self, bytes: usize, shared: &Shared) -> bool {
         let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
         // SAFETY: `fd` is the socket owned by the reader's half of the connection, open for as
         // long as the reader task runs; setsockopt only reads the `c_int` we pass.
@@ -737,27 +828,27 @@ impl Pacer {
         true
     }
 
-    /// Accounts for a read of `n` bytes; turns busy when data comes fast enough.
-    fn after_read(&mut self, n: usize, shared: &Shared) {
-        if self.busy {
-            return;
-        }
-        self.window_bytes += n;
-        if self.window_bytes >= self.lowat {
-            if self.window_start.elapsed() <= self.wait && self.set_lowat(self.lowat, shared) {
-                self.busy = true;
-            }
-            self.window_bytes = 0;
-            self.window_start = Instant::now();
+    fn apply(&mut self, mark: Mark, shared: &Shared) {
+        let (bytes, raised) = match mark {
+            Mark::Keep => return,
+            Mark::Raise => (self.policy.lowat, true),
+            Mark::Drop => (1, false),
+        };
+        if !self.set_lowat(bytes, shared) {
+            self.policy.mark_failed(raised);
         }
     }
 
-    /// The stream slowed down: back to waking on every byte.
-    fn go_idle(&mut self, shared: &Shared) {
-        // If the mark cannot be lowered, stay busy: the timer keeps reads going.
-        self.busy = !self.set_lowat(1, shared);
-        self.window_bytes = 0;
-        self.window_start = Instant::now();
+    /// Accounts for a read of `n` bytes.
+    fn after_read(&mut self, n: usize, shared: &Shared) {
+        let mark = self.policy.on_read(n, Instant::now());
+        self.apply(mark, shared);
+    }
+
+    /// `wait` passed without the mark's worth of data.
+    fn timed_out(&mut self, shared: &Shared) {
+        let mark = self.policy.on_timeout(Instant::now());
+        self.apply(mark, shared);
     }
 }
 
@@ -773,17 +864,17 @@ async fn read_more<R: AsyncRead + Unpin>(
     }
     let res = loop {
         match pacer {
-            Some(p) if p.busy => {
+            Some(p) if p.busy() => {
                 let r = tokio::select! {
                     biased;
                     r = rd.read_buf(buf) => Some(r),
-                    _ = tokio::time::sleep(p.wait) => None,
+                    _ = tokio::time::sleep(p.wait()) => None,
                 };
                 match r {
                     Some(r) => break r,
                     // Too little came for the mark: drop it (which signals what is waiting)
                     // and read again; if it could not be dropped, the timer stays on.
-                    None => p.go_idle(shared),
+                    None => p.timed_out(shared),
                 }
             }
             _ => break rd.read_buf(buf).await,
@@ -1044,6 +1135,77 @@ async fn send_status<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_burst_of_bytes_makes_the_stream_busy() {
+        let t0 = Instant::now();
+        let mut p = PacePolicy::new(32 * 1024, 8 * MS, t0);
+        assert_eq!(p.on_read(20_000, t0), Mark::Keep);
+        assert_eq!(p.on_read(20_000, t0 + MS), Mark::Raise);
+        assert!(p.busy);
+        // Busy reads that reach the mark keep it.
+        assert_eq!(p.on_read(40_000, t0 + 2 * MS), Mark::Keep);
+    }
+
+    #[test]
+    fn many_small_reads_within_the_wait_make_the_stream_busy() {
+        let t0 = Instant::now();
+        let mut p = PacePolicy::new(32 * 1024, 8 * MS, t0);
+        for i in 0..BUSY_READS - 1 {
+            assert_eq!(p.on_read(600, t0 + i * MS / 2), Mark::Keep, "read {i}");
+        }
+        assert_eq!(p.on_read(600, t0 + 4 * MS), Mark::Raise);
+    }
+
+    #[test]
+    fn a_slow_trickle_stays_idle() {
+        let t0 = Instant::now();
+        let mut p = PacePolicy::new(32 * 1024, 8 * MS, t0);
+        // One small transaction every 2 ms: 4 reads per window, never busy.
+        for i in 0..100 {
+            assert_eq!(p.on_read(600, t0 + i * 2 * MS), Mark::Keep, "read {i}");
+        }
+        assert!(!p.busy);
+    }
+
+    #[test]
+    fn after_a_timeout_a_steady_trickle_stays_busy_and_a_quiet_stream_goes_idle() {
+        let t0 = Instant::now();
+        let mut p = PacePolicy::new(32 * 1024, 8 * MS, t0);
+        for i in 0..BUSY_READS {
+            p.on_read(600, t0 + i * MS / 4);
+        }
+        assert!(p.busy);
+        // The wait passes: the mark drops so that what is waiting can be read at once.
+        assert_eq!(p.on_timeout(t0 + 10 * MS), Mark::Drop);
+        assert!(!p.busy);
+        // Enough came meanwhile: straight back to busy.
+        assert_eq!(p.on_read(5_000, t0 + 10 * MS), Mark::Raise);
+        assert!(p.busy);
+        assert_eq!(p.on_timeout(t0 + 18 * MS), Mark::Drop);
+        // Only a lone message: idle, and the next small read does not re-raise.
+        assert_eq!(p.on_read(300, t0 + 18 * MS), Mark::Keep);
+        assert!(!p.busy);
+        assert_eq!(p.on_read(300, t0 + 30 * MS), Mark::Keep);
+        assert!(!p.busy);
+    }
+
+    #[test]
+    fn a_mark_that_cannot_be_changed_leaves_the_timer_on_or_off_safely() {
+        let t0 = Instant::now();
+        let mut p = PacePolicy::new(32 * 1024, 8 * MS, t0);
+        assert_eq!(p.on_read(40_000, t0), Mark::Raise);
+        // Raising failed: reads must not wait on a timer for a mark that is not there.
+        p.mark_failed(true);
+        assert!(!p.busy);
+        assert_eq!(p.on_read(40_000, t0 + MS), Mark::Raise);
+        assert_eq!(p.on_timeout(t0 + 10 * MS), Mark::Drop);
+        // Dropping failed: stay busy so that the timer keeps the reads going.
+        p.mark_failed(false);
+        assert!(p.busy);
+    }
+
     fn commit(end: u64) -> Vec<u8> {
         let mut v = vec![b'C', 0];
         v.extend_from_slice(&(end - 8).to_be_bytes());
@@ -1138,28 +1300,29 @@ mod tests {
         p.after_read(3000, &shared);
         std::thread::sleep(Duration::from_millis(40));
         p.after_read(3000, &shared);
-        assert!(!p.busy);
+        assert!(!p.busy());
         assert_eq!(rcvlowat(fd), 1);
 
         // Fast data: busy, with the mark set on the socket.
+        std::thread::sleep(Duration::from_millis(40));
         p.after_read(2000, &shared);
-        assert!(!p.busy, "half the mark is not enough");
+        assert!(!p.busy(), "half the mark is not enough");
         p.after_read(2096, &shared);
-        assert!(p.busy);
+        assert!(p.busy());
         assert_eq!(rcvlowat(fd), 4096);
         // Busy reads do not touch the mark.
         p.after_read(100, &shared);
         assert_eq!(rcvlowat(fd), 4096);
 
-        p.go_idle(&shared);
-        assert!(!p.busy);
+        p.timed_out(&shared);
+        assert!(!p.busy());
         assert_eq!(rcvlowat(fd), 1);
         assert_eq!(shared.lowat_switches.load(Ordering::Relaxed), 2);
 
         // A bad descriptor: pacing just stays off, no panic.
         let mut bad = Pacer::new(-1, 4096, Duration::from_secs(1));
         bad.after_read(8192, &shared);
-        assert!(!bad.busy);
+        assert!(!bad.busy());
         assert_eq!(shared.lowat_switches.load(Ordering::Relaxed), 2);
     }
 

@@ -113,7 +113,7 @@ pub(super) async fn copy_all(
     };
     let mut pool = start_bulk(spec, prepared, tgt, shutdown).await?;
     let connect = || async {
-        catalog::connect(&spec.source.url)
+        catalog::connect_as(&spec.source.url, "copy")
             .await
             .map_err(|e| RunError::Connection(e.to_string()))
     };

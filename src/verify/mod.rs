@@ -98,6 +98,9 @@ pub struct VerifyOptions {
     pub narrow_batch_rows: i64,
     /// Show a progress bar on stderr when it is a terminal (plain log lines otherwise).
     pub progress: bool,
+    /// Who is comparing, for `application_name` (`shadowmig <role>`): `verify`, or `sampler`
+    /// for `run`'s live sampler.
+    pub role: &'static str,
 }
 
 impl Default for VerifyOptions {
@@ -113,6 +116,7 @@ impl Default for VerifyOptions {
             max_differences: 1000,
             narrow_batch_rows: 200_000,
             progress: false,
+            role: "verify",
         }
     }
 }
@@ -155,8 +159,12 @@ const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 
      SET TimeZone = 'UTC'; SET extra_float_digits = 1; SET bytea_output = 'hex'; \
      SET lc_monetary = 'C'; SET default_transaction_read_only = on";
 
-async fn connect(url: &crate::spec::DbUrl, side: &'static str) -> Result<Client, VerifyError> {
-    let c = catalog::connect(url)
+async fn connect(
+    url: &crate::spec::DbUrl,
+    side: &'static str,
+    role: &str,
+) -> Result<Client, VerifyError> {
+    let c = catalog::connect_as(url, role)
         .await
         .map_err(|source| VerifyError::Catalog { side, source })?;
     c.batch_execute(SESSION_SETTINGS)
@@ -168,8 +176,8 @@ async fn connect(url: &crate::spec::DbUrl, side: &'static str) -> Result<Client,
 impl VerifyContext {
     /// Connects to both sides and works out what is compared.
     pub async fn open(spec: &Spec, opts: &VerifyOptions) -> Result<VerifyContext, VerifyError> {
-        let source = connect(&spec.source.url, "source").await?;
-        let target = connect(&spec.target.url, "target").await?;
+        let source = connect(&spec.source.url, "source", opts.role).await?;
+        let target = connect(&spec.target.url, "target", opts.role).await?;
         let shape = build_shape(spec, &source, &target, opts.keys_only).await?;
         Ok(VerifyContext {
             shape,
@@ -320,13 +328,12 @@ async fn build_shape(
 pub async fn verify(spec: &Spec, opts: &VerifyOptions) -> Result<Outcome, VerifyError> {
     let started = Instant::now();
     let ctx = VerifyContext::open(spec, opts).await?;
-    let state_client =
-        catalog::connect(&spec.target.url)
-            .await
-            .map_err(|source| VerifyError::Catalog {
-                side: "target",
-                source,
-            })?;
+    let state_client = catalog::connect_as(&spec.target.url, opts.role)
+        .await
+        .map_err(|source| VerifyError::Catalog {
+            side: "target",
+            source,
+        })?;
     let mut opts = opts.clone();
     if opts.max_rows_per_sec.is_none() {
         opts.max_rows_per_sec = spec.throttle.max_rows_per_sec;
