@@ -83,6 +83,10 @@ pub struct RunOptions {
     /// written before reading goes on. `SHADOWMIG_APPLY_PIPELINE=0` turns it off (diagnosis,
     /// benchmarks).
     pub pipeline: bool,
+    /// Behind the source, hand a batch to a free writer early (D25); off, a batch grows to
+    /// its bounds or its age first. `SHADOWMIG_APPLY_EAGER=0` turns it off (diagnosis,
+    /// benchmarks).
+    pub eager: bool,
 }
 
 impl Default for RunOptions {
@@ -95,6 +99,7 @@ impl Default for RunOptions {
             batch_idle: Duration::from_millis(20),
             batch_max_delay: Duration::from_millis(250),
             pipeline: std::env::var("SHADOWMIG_APPLY_PIPELINE").map_or(true, |v| v != "0"),
+            eager: std::env::var("SHADOWMIG_APPLY_EAGER").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -1590,10 +1595,15 @@ async fn run_once(
         } else {
             opts.batch_max_delay
         };
-        let eager = behind
+        let eager = opts.eager
+            && behind
             && ap.writer_idle()
             && (ap.batch.changes() >= BACKLOG_EAGER_CHANGES || ap.due(opts.batch_max_delay / 5));
-        if txn.is_none() && (eager || ap.due(max_delay)) {
+        // A due batch that a busy writer cannot take yet keeps growing (and coalescing)
+        // instead of stopping the loop until the writer is free; 8× the delay bounds it.
+        let due = ap.due(max_delay)
+            && (ap.writer_idle() || ap.due(opts.batch_max_delay * 8));
+        if txn.is_none() && (eager || due) {
             ap.flush(&stream).await?;
             oldest_unapplied = None;
         }
