@@ -525,18 +525,18 @@ impl CpuProfile {
             .collect();
         let now = child_ticks(self.postmaster);
         let mut by: BTreeMap<String, f64> = BTreeMap::new();
-        let mut live = 0.0;
+        // Processes no longer in pg_stat_activity (pgbench's backends, exiting or reaped)
+        // are what the load itself cost the server.
+        let mut classified = 0.0;
         for (pid, t) in &now {
-            let d = t.saturating_sub(self.start.get(pid).copied().unwrap_or(0)) as f64 / hz;
-            live += d;
-            let class = classes.get(pid).cloned().unwrap_or_else(|| "other".into());
-            *by.entry(class).or_default() += d;
+            if let Some(class) = classes.get(pid) {
+                let d = t.saturating_sub(self.start.get(pid).copied().unwrap_or(0)) as f64 / hz;
+                classified += d;
+                *by.entry(class.clone()).or_default() += d;
+            }
         }
         let total = cluster_cpu(self.postmaster) - self.start_cluster;
-        by.insert(
-            "exited (e.g. pgbench backends)".into(),
-            (total - live).max(0.0),
-        );
+        by.insert("pgbench backends".into(), (total - classified).max(0.0));
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
         let mut parts: Vec<String> = by
             .iter()

@@ -1767,7 +1767,7 @@ async fn run_once(
             LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     let k = tracked_key(&prepared, t.track, &new)?;
-                    add_change(&mut ap, t, Change::Upsert { new }, k, opts, &stream).await?;
+                    add_change(&mut ap, t, Change::Insert { new }, k, opts, &stream).await?;
                 }
             }
             LogicalMessage::Update {

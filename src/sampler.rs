@@ -129,7 +129,7 @@ impl Sampler {
         }
         self.acc -= 1.0;
         let tuples: [Option<&TupleData>; 2] = match change {
-            Change::Upsert { new } => [Some(new), None],
+            Change::Insert { new } | Change::Upsert { new } => [Some(new), None],
             Change::Delete { old } => [Some(old), None],
             Change::KeyChange { old, new, .. } => [Some(old), Some(new)],
         };

@@ -661,6 +661,55 @@ async fn src_row(
         .remove(0)
 }
 
+/// A source INSERT is written by plain INSERT; when the target holds the row after all (the
+/// backfill copied it, or a stream is replayed over copied rows), the batch upserts instead and
+/// loses nothing, and so do the batches after it.
+#[tokio::test]
+async fn an_insert_of_a_row_the_target_already_has_is_upserted() {
+    let (c, db, mut cl) = setup("apply_insert_conflict", SIMPLE).await;
+    let cols = source_columns(&cl, "src", &["id"]).await;
+    let mut w = ApplyWriter::new(
+        copy_target("public", "dst", &cols, &["id"]),
+        progress("insert_conflict"),
+    )
+    .unwrap();
+    // Rows 1 and 2 are already in the target, with older values.
+    c.psql(&db, "INSERT INTO dst VALUES (1, 'old one'), (2, 'old two')")
+        .unwrap();
+    let r1 = src_row(c, &db, &cl, &cols, "INSERT INTO src VALUES (1, 'one')", 1).await;
+    let r3 = src_row(c, &db, &cl, &cols, "INSERT INTO src VALUES (3, 'three')", 3).await;
+    let s = w
+        .apply_batch(
+            &mut cl,
+            &[
+                ch(1, Change::Insert { new: r1 }),
+                ch(2, Change::Insert { new: r3 }),
+            ],
+            Lsn(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.upserted, 2);
+    let r2 = src_row(c, &db, &cl, &cols, "INSERT INTO src VALUES (2, 'two')", 2).await;
+    let r4 = src_row(c, &db, &cl, &cols, "INSERT INTO src VALUES (4, 'four')", 4).await;
+    w.apply_batch(
+        &mut cl,
+        &[
+            ch(3, Change::Insert { new: r2 }),
+            ch(4, Change::Insert { new: r4 }),
+        ],
+        Lsn(4),
+    )
+    .await
+    .unwrap();
+    same(c, &db, "src", "dst", "id");
+    assert_eq!(
+        w.committed_lsn(&cl).await.unwrap(),
+        Some(Lsn(4)),
+        "progress committed with the rows"
+    );
+}
+
 #[tokio::test]
 async fn batch_edges_insert_delete_reinsert_and_key_swaps() {
     let (c, db, mut cl) = setup("apply_edges", SIMPLE).await;
@@ -712,7 +761,7 @@ async fn batch_edges_insert_delete_reinsert_and_key_swaps() {
     )
     .await;
     let batch = vec![
-        ch(2, Change::Upsert { new: r1.clone() }),
+        ch(2, Change::Insert { new: r1.clone() }),
         ch(
             3,
             Change::Delete {
@@ -725,7 +774,7 @@ async fn batch_edges_insert_delete_reinsert_and_key_swaps() {
                 old: key_only(&cols, &r2),
             },
         ),
-        ch(5, Change::Upsert { new: r2b }),
+        ch(5, Change::Insert { new: r2b }),
         ch(
             6,
             Change::KeyChange {
@@ -734,7 +783,7 @@ async fn batch_edges_insert_delete_reinsert_and_key_swaps() {
                 new: r4,
             },
         ),
-        ch(7, Change::Upsert { new: r3b }),
+        ch(7, Change::Insert { new: r3b }),
     ];
     let s = w.apply_batch(&mut cl, &batch, Lsn(7)).await.unwrap();
     assert!(s.needs_reread.is_empty());
@@ -1029,7 +1078,7 @@ async fn random_workload(text: bool) {
                 .unwrap();
                 live.push(id);
                 let new = tuples(&cl, "src", &cols, &row(id), text).await.remove(0);
-                batch.push(ch(lsn, Change::Upsert { new }));
+                batch.push(ch(lsn, Change::Insert { new }));
                 continue;
             }
             let id = live[rng.gen_range(0..live.len())];

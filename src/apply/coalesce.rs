@@ -16,7 +16,14 @@ use crate::pgoutput::{OldKind, TupleData, TupleValue};
 /// One source change, as apply consumes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// An insert, an update that kept the identity key, or a backfilled row: the row's new image.
+    /// A source INSERT: the row's image. Its identity did not exist in the source just before,
+    /// so when it is the first change of its key in a batch, the target has no row for it
+    /// when the batch starts ([`Coalesced::inserts`]).
+    Insert {
+        /// The new row, in source column order.
+        new: TupleData,
+    },
+    /// An update that kept the identity key, or a backfilled row: the row's new image.
     /// It may hold [`TupleValue::UnchangedToast`] columns (updates only).
     Upsert {
         /// The new row, in source column order.
@@ -69,6 +76,11 @@ pub struct Coalesced {
     /// Final images, possibly with [`TupleValue::UnchangedToast`] columns that no earlier
     /// image in the batch could fill.
     pub upserts: Vec<TupleData>,
+    /// Final images of keys whose first change in the batch was a source INSERT (then only
+    /// updates): the target should hold no row for them, so a writer may insert them without
+    /// `ON CONFLICT` — falling back to the upsert if it finds one after all (a chunk the
+    /// backfill wrote, a stream replayed over copied rows). Never hold unchanged TOAST.
+    pub inserts: Vec<TupleData>,
     /// Commit LSN of the last change seen, if any.
     pub last_lsn: Option<Lsn>,
 }
@@ -135,6 +147,8 @@ enum Net {
     Upserted {
         image: TupleData,
         deleted: Option<TupleData>,
+        /// The key's first change in the batch was a source INSERT, and only upserts followed.
+        fresh: bool,
     },
     Deleted(TupleData),
 }
@@ -200,7 +214,7 @@ fn tuple_bytes(t: &TupleData) -> usize {
 fn net_bytes(n: &Net) -> usize {
     match n {
         Net::Empty => 0,
-        Net::Upserted { image, deleted } => {
+        Net::Upserted { image, deleted, .. } => {
             tuple_bytes(image) + deleted.as_ref().map_or(0, tuple_bytes)
         }
         Net::Deleted(t) => tuple_bytes(t),
@@ -304,11 +318,15 @@ impl Coalescer {
     /// Takes slot `i`'s state out, leaving it empty for [`Coalescer::set`] right after: the
     /// earlier image to fill unchanged columns from, and the delete it follows. Moving out
     /// instead of cloning saves copying every repeated row.
-    fn take(&mut self, i: usize) -> (Option<TupleData>, Option<TupleData>) {
+    fn take(&mut self, i: usize) -> (Option<TupleData>, Option<TupleData>, Option<bool>) {
         match std::mem::replace(&mut self.slots[i], Net::Empty) {
-            Net::Upserted { image, deleted } => (Some(image), deleted),
-            Net::Deleted(old) => (None, Some(old)),
-            Net::Empty => (None, None),
+            Net::Upserted {
+                image,
+                deleted,
+                fresh,
+            } => (Some(image), deleted, Some(fresh)),
+            Net::Deleted(old) => (None, Some(old), Some(false)),
+            Net::Empty => (None, None, None),
         }
     }
 
@@ -318,6 +336,33 @@ impl Coalescer {
         self.bytes = self.bytes - self.slot_bytes[i] + b;
         self.slot_bytes[i] = b;
         self.slots[i] = value;
+    }
+
+    /// An insert (`insert`) or update of one row's image.
+    fn upsert(&mut self, mut image: TupleData, insert: bool) -> Result<(), CoalesceError> {
+        self.check(&image)?;
+        let key = self.key_of(&image)?;
+        let i = self.slot_of(key);
+        let (prev, deleted, was_fresh) = self.take(i);
+        if let Some(prev) = prev {
+            fill_unchanged(&mut image, &prev);
+        }
+        // Fresh: an insert is the key's first change, or an update follows a fresh image.
+        // Anything else (a delete, a key change, a backfilled row, a second insert) may have
+        // left a target row.
+        let fresh = match was_fresh {
+            None => insert,
+            Some(f) => f && !insert,
+        };
+        self.set(
+            i,
+            Net::Upserted {
+                image,
+                deleted,
+                fresh,
+            },
+        );
+        Ok(())
     }
 
     /// Adds one change, in stream order (an LSN below the previous change's is refused).
@@ -330,17 +375,8 @@ impl Coalescer {
             });
         }
         match sc.change {
-            Change::Upsert { new } => {
-                self.check(&new)?;
-                let key = self.key_of(&new)?;
-                let mut image = new;
-                let i = self.slot_of(key);
-                let (prev, deleted) = self.take(i);
-                if let Some(prev) = prev {
-                    fill_unchanged(&mut image, &prev);
-                }
-                self.set(i, Net::Upserted { image, deleted });
-            }
+            Change::Insert { new } => self.upsert(new, true)?,
+            Change::Upsert { new } => self.upsert(new, false)?,
             Change::Delete { old } => {
                 self.check(&old)?;
                 let key = self.key_of(&old)?;
@@ -368,7 +404,14 @@ impl Coalescer {
                 }
                 let i = self.slot_of(new_key);
                 let deleted = self.take(i).1;
-                self.set(i, Net::Upserted { image, deleted });
+                self.set(
+                    i,
+                    Net::Upserted {
+                        image,
+                        deleted,
+                        fresh: false,
+                    },
+                );
             }
         }
         self.changes += 1;
@@ -388,7 +431,11 @@ impl Coalescer {
         self.changes = 0;
         for net in std::mem::take(&mut self.slots) {
             match net {
-                Net::Upserted { image, deleted } => {
+                Net::Upserted {
+                    image,
+                    deleted,
+                    fresh,
+                } => {
                     // An image still missing values must not take them from a target row the
                     // batch deleted: delete that row first, so the writer finds none and has
                     // the key re-read.
@@ -397,7 +444,11 @@ impl Coalescer {
                             out.deletes.push(old);
                         }
                     }
-                    out.upserts.push(image)
+                    if fresh && !image.0.contains(&TupleValue::UnchangedToast) {
+                        out.inserts.push(image)
+                    } else {
+                        out.upserts.push(image)
+                    }
                 }
                 Net::Deleted(t) => out.deletes.push(t),
                 Net::Empty => {}
@@ -468,7 +519,7 @@ mod tests {
         let mut written: BTreeMap<(u8, u8), [bool; NCOLS]> = BTreeMap::new();
         for c in changes {
             match c {
-                Change::Upsert { new } => {
+                Change::Insert { new } | Change::Upsert { new } => {
                     let k = key_of(new);
                     let prev = written.get(&k).copied().unwrap_or([false; NCOLS]);
                     let mut w = [false; NCOLS];
@@ -540,8 +591,21 @@ mod tests {
         }
         assert_eq!(del.len(), out.deletes.len(), "duplicate delete keys");
         assert_eq!(up.len(), out.upserts.len(), "duplicate upsert keys");
+        let ins: BTreeSet<_> = out.inserts.iter().map(key_of).collect();
+        assert_eq!(ins.len(), out.inserts.len(), "duplicate insert keys");
+        assert!(ins.is_disjoint(&up), "a key both inserted and upserted");
         for k in &del {
             table.remove(k);
+        }
+        // What the writer's plain INSERT relies on: after the deletes, no inserted key has a
+        // row, and no inserted image lacks a value.
+        for i in &out.inserts {
+            assert!(
+                !table.contains_key(&key_of(i)),
+                "an insert of a key the table holds"
+            );
+            assert!(!i.0.contains(&TupleValue::UnchangedToast));
+            write_image(&mut table, i);
         }
         for u in &out.upserts {
             write_image(&mut table, u);
@@ -599,8 +663,13 @@ mod tests {
                         [false; 2]
                     };
                     let img = image(a, b, v, u);
-                    live.insert((a, b), vec![]);
-                    out.push(Change::Upsert { new: img });
+                    // A write of a missing row is the source's INSERT.
+                    let fresh = live.insert((a, b), vec![]).is_none();
+                    out.push(if fresh {
+                        Change::Insert { new: img }
+                    } else {
+                        Change::Upsert { new: img }
+                    });
                 }
                 Raw::Delete(a, b) => {
                     if live.remove(&(a, b)).is_some() {
@@ -656,6 +725,41 @@ mod tests {
             let b = coalesced(initial, &changes);
             prop_assert_eq!(a, b);
         }
+    }
+
+    #[test]
+    fn only_a_key_first_inserted_in_the_batch_is_an_insert() {
+        let sc = |c| SourceChange {
+            lsn: Lsn(7),
+            change: c,
+        };
+        let a = image(1, 1, [1, 2], [false; 2]);
+        let b = image(2, 2, [1, 2], [false; 2]);
+        let c = image(2, 1, [3, 4], [false; 2]);
+        let out = coalesce(
+            &IDENTITY,
+            &[
+                // Inserted, then updated with unchanged TOAST: still new, the value filled.
+                sc(Change::Insert { new: a.clone() }),
+                sc(Change::Upsert {
+                    new: image(1, 1, [3, 3], [true, false]),
+                }),
+                // Deleted then inserted again: the target may hold the old row.
+                sc(Change::Delete { old: b.clone() }),
+                sc(Change::Insert { new: b.clone() }),
+                // Updated, existing before the batch.
+                sc(Change::Upsert { new: c.clone() }),
+            ],
+        )
+        .unwrap();
+        assert_eq!(out.inserts.len(), 1);
+        assert_eq!(key_of(&out.inserts[0]), key_of(&a));
+        assert_eq!(
+            out.inserts[0].0[2], a.0[2],
+            "unchanged TOAST filled from the insert"
+        );
+        let up: BTreeSet<_> = out.upserts.iter().map(key_of).collect();
+        assert_eq!(up, BTreeSet::from([key_of(&b), key_of(&c)]));
     }
 
     #[test]

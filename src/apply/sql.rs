@@ -262,6 +262,9 @@ fn identifiers(expr: &str) -> Tokens {
 pub enum StageKind {
     /// Final images (every source column).
     Upsert,
+    /// Final images of rows the target should not have (every source column; a stage of its
+    /// own, so that a batch with both never empties one stage twice).
+    Insert,
     /// Old identities (identity columns only).
     Delete,
 }
@@ -281,7 +284,7 @@ impl StageShape {
     /// Source columns present in this stage, in stage order.
     pub fn columns(&self, plan: &Plan) -> Vec<usize> {
         (0..plan.identity.len())
-            .filter(|&i| self.kind == StageKind::Upsert || plan.identity[i])
+            .filter(|&i| self.kind != StageKind::Delete || plan.identity[i])
             .collect()
     }
 }
@@ -387,6 +390,23 @@ pub fn delete(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> S
 
 /// Inserts the staged final images, overwriting existing rows with the same target key.
 pub fn upsert(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> String {
+    insert_select(t, plan, shape, name, true)
+}
+
+/// Inserts the staged final images of rows the target should not have: a plain INSERT, which
+/// skips `ON CONFLICT`'s speculative insertion (a third less time per row on this machine)
+/// and fails with a unique violation if a row is there after all.
+pub fn insert(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> String {
+    insert_select(t, plan, shape, name, false)
+}
+
+fn insert_select(
+    t: &ApplyTarget,
+    plan: &Plan,
+    shape: &StageShape,
+    name: &str,
+    on_conflict: bool,
+) -> String {
     let names: Vec<String> = t
         .target_columns
         .iter()
@@ -414,15 +434,18 @@ pub fn upsert(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> S
     } else {
         format!("DO UPDATE SET {}", sets.join(", "))
     };
-    format!(
-        "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}",
+    let head = format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {}",
         plan.table_sql,
         names.join(", "),
         exprs.join(", "),
         typed(t, plan, shape, name),
-        keys.join(", "),
-        action
-    )
+    );
+    if on_conflict {
+        format!("{head} ON CONFLICT ({}) {}", keys.join(", "), action)
+    } else {
+        head
+    }
 }
 
 /// Updates existing rows from staged images that hold unchanged-TOAST columns: a plain copy of

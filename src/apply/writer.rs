@@ -59,7 +59,15 @@ pub struct ApplyWriter {
     /// Stage names are never reused within a writer: a rolled-back CREATE must not leave a
     /// name that a later, differently shaped stage would find with `IF NOT EXISTS`.
     next_stage: u64,
+    /// Batches left that write [`Coalesced::inserts`] by upsert after a plain insert found a
+    /// row: a stream replayed over copied rows (deferred constraints) would otherwise fail
+    /// over and over.
+    insert_backoff: u32,
 }
+
+/// Batches that upsert their inserts after a plain insert found a row (see
+/// [`ApplyWriter::write_net`]).
+const INSERT_BACKOFF: u32 = 64;
 
 #[derive(Debug)]
 struct Stage {
@@ -88,6 +96,7 @@ impl ApplyWriter {
             id: WRITER_SEQ.fetch_add(1, Ordering::Relaxed),
             stages: HashMap::new(),
             next_stage: 0,
+            insert_backoff: 0,
         })
     }
 
@@ -256,6 +265,30 @@ impl ApplyWriter {
             sql_time += t.elapsed();
         }
 
+        // Rows the target should not have (their first change in the batch was a source
+        // INSERT): a plain INSERT under a savepoint. If a row is there after all (a unique
+        // violation: a backfilled chunk, a stream replayed over copied rows), back to the
+        // savepoint and upsert the same stage, and upsert inserts for a while.
+        let insert_rows: Vec<&TupleData> = net.inserts.iter().collect();
+        let plain_inserts = self.insert_backoff == 0;
+        self.insert_backoff = self.insert_backoff.saturating_sub(1);
+        for g in self.group(StageKind::Insert, &insert_rows) {
+            let t = Instant::now();
+            let name = self.stage(tx, &g.shape).await?;
+            self.load(tx, &g, &name).await?;
+            load_time += t.elapsed();
+            let t = Instant::now();
+            stats.upserted += if plain_inserts {
+                self.insert_or_upsert(tx, &g.shape, &name).await?
+            } else {
+                let q = sql::upsert(&self.target, &self.plan, &g.shape, &name);
+                tx.execute(&q, &[])
+                    .await
+                    .map_err(ApplyError::db("upsert"))?
+            };
+            sql_time += t.elapsed();
+        }
+
         // Upserts without unchanged TOAST are plain INSERT … ON CONFLICT. Those with it update
         // existing rows only, unless a transform or the key needs the missing value.
         let mut plain = Vec::new();
@@ -313,13 +346,52 @@ impl ApplyWriter {
         stats.duration = start.elapsed();
         tracing::debug!(
             changes = stats.changes,
-            net_rows = net.upserts.len() + net.deletes.len(),
+            net_rows = net.upserts.len() + net.inserts.len() + net.deletes.len(),
+            inserts = net.inserts.len(),
             stage_copy_ms = load_time.as_millis() as u64,
             statements_ms = sql_time.as_millis() as u64,
             total_ms = stats.duration.as_millis() as u64,
             "wrote batch (not yet committed)"
         );
         Ok(stats)
+    }
+
+    /// Writes a staged group of rows the target should not have by plain INSERT; on a unique
+    /// violation rolls that INSERT back and upserts the group instead (and does so for the
+    /// next [`INSERT_BACKOFF`] batches). Returns the rows written.
+    async fn insert_or_upsert(
+        &mut self,
+        tx: &Transaction<'_>,
+        shape: &StageShape,
+        name: &str,
+    ) -> Result<u64, ApplyError> {
+        const SP: &str = "shadowmig_insert";
+        tx.batch_execute(&format!("SAVEPOINT {SP}"))
+            .await
+            .map_err(ApplyError::db("savepoint before insert"))?;
+        let q = sql::insert(&self.target, &self.plan, shape, name);
+        match tx.execute(&q, &[]).await {
+            Ok(n) => {
+                tx.batch_execute(&format!("RELEASE SAVEPOINT {SP}"))
+                    .await
+                    .map_err(ApplyError::db("release savepoint after insert"))?;
+                Ok(n)
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                tracing::debug!(
+                    "a plain insert of new rows found one in the target; upserting them, and the next {INSERT_BACKOFF} batches' too"
+                );
+                self.insert_backoff = INSERT_BACKOFF;
+                tx.batch_execute(&format!(
+                    "ROLLBACK TO SAVEPOINT {SP}; RELEASE SAVEPOINT {SP}"
+                ))
+                .await
+                .map_err(ApplyError::db("roll back to savepoint after insert"))?;
+                let q = sql::upsert(&self.target, &self.plan, shape, name);
+                tx.execute(&q, &[]).await.map_err(ApplyError::db("upsert"))
+            }
+            Err(e) => Err(ApplyError::db("insert")(e)),
+        }
     }
 
     /// True when every target column that needs one of `unchanged` (source columns) is a
@@ -344,7 +416,7 @@ impl ApplyWriter {
     /// values in the batch arrived as text; rows that mix forms differently get their own group.
     fn group<'a>(&self, kind: StageKind, rows: &[&'a TupleData]) -> Vec<Group<'a>> {
         let n = self.plan.identity.len();
-        let included = |i: usize| kind == StageKind::Upsert || self.plan.identity[i];
+        let included = |i: usize| kind != StageKind::Delete || self.plan.identity[i];
         let mut batch_text = vec![false; n];
         for t in rows {
             for (i, v) in t.0.iter().enumerate() {

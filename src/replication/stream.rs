@@ -170,8 +170,9 @@ pub struct StreamConfig {
     /// spares the walsender a wake-up on every send. 0 or 1 turns pacing off. Default 32 KiB.
     pub busy_low_water: usize,
     /// While busy, the longest the reader waits for [`StreamConfig::busy_low_water`] bytes
-    /// before it reads whatever is there (and the stream counts as idle again): the most a
-    /// message can wait in the socket. Default 8 ms.
+    /// before it reads whatever is there (the stream stays busy if that was at least 1/32 of
+    /// the mark, and counts as idle again otherwise): the most a message can wait in the
+    /// socket. Default 8 ms.
     pub busy_wait: Duration,
 }
 
