@@ -18,7 +18,8 @@
 //!   `BENCH_PGBENCH_SECS` (default 30) seconds with `-c 4 -j 2`, `BENCH_PGBENCH_REPS` (default
 //!   2) rounds of: alone, pg_recvlogical reading a slot (the floor of any logical consumer),
 //!   shadowmig streaming (into the source database, and into another), a mirroring trigger,
-//!   native logical replication.
+//!   native logical replication (`BENCH_PGBENCH_MODES` picks some). Each load's CPU is
+//!   reported per process class ([`CpuProfile`]).
 //!
 //! Every result table is checked against transform(source) with a multiset checksum (row
 //! count and the sum of a 60-bit md5 prefix of every row's text); a mismatch aborts the bench.
