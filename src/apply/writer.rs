@@ -253,8 +253,7 @@ impl ApplyWriter {
         let del_rows: Vec<&TupleData> = net.deletes.iter().collect();
         for g in self.group(StageKind::Delete, &del_rows) {
             let t = Instant::now();
-            let name = self.stage(tx, &g.shape).await?;
-            self.load(tx, &g, &name).await?;
+            let name = self.staged(tx, &g).await?;
             load_time += t.elapsed();
             let t = Instant::now();
             let q = sql::delete(&self.target, &self.plan, &g.shape, &name);
@@ -274,17 +273,13 @@ impl ApplyWriter {
         self.insert_backoff = self.insert_backoff.saturating_sub(1);
         for g in self.group(StageKind::Insert, &insert_rows) {
             let t = Instant::now();
-            let name = self.stage(tx, &g.shape).await?;
-            self.load(tx, &g, &name).await?;
+            let name = self.staged(tx, &g).await?;
             load_time += t.elapsed();
             let t = Instant::now();
             stats.upserted += if plain_inserts {
                 self.insert_or_upsert(tx, &g.shape, &name).await?
             } else {
-                let q = sql::upsert(&self.target, &self.plan, &g.shape, &name);
-                tx.execute(&q, &[])
-                    .await
-                    .map_err(ApplyError::db("upsert"))?
+                self.upsert(tx, &g.shape, &name).await?
             };
             sql_time += t.elapsed();
         }
@@ -307,21 +302,15 @@ impl ApplyWriter {
         }
         for g in self.group(StageKind::Upsert, &plain) {
             let t = Instant::now();
-            let name = self.stage(tx, &g.shape).await?;
-            self.load(tx, &g, &name).await?;
+            let name = self.staged(tx, &g).await?;
             load_time += t.elapsed();
             let t = Instant::now();
-            let q = sql::upsert(&self.target, &self.plan, &g.shape, &name);
-            stats.upserted += tx
-                .execute(&q, &[])
-                .await
-                .map_err(ApplyError::db("upsert"))?;
+            stats.upserted += self.upsert(tx, &g.shape, &name).await?;
             sql_time += t.elapsed();
         }
         for mut g in self.group(StageKind::Upsert, &partial) {
             g.shape.with_unchanged = true;
-            let name = self.stage(tx, &g.shape).await?;
-            self.load(tx, &g, &name).await?;
+            let name = self.staged(tx, &g).await?;
             let q = sql::update_keeping_unchanged(&self.target, &self.plan, &g.shape, &name);
             let rows = tx
                 .query(&q, &[])
@@ -356,6 +345,24 @@ impl ApplyWriter {
         Ok(stats)
     }
 
+    /// The stage table for `g`'s shape (created, or emptied, as needed) with `g` loaded into it.
+    async fn staged(&mut self, tx: &Transaction<'_>, g: &Group<'_>) -> Result<String, ApplyError> {
+        let name = self.stage(tx, &g.shape).await?;
+        self.load(tx, g, &name).await?;
+        Ok(name)
+    }
+
+    /// Upserts a loaded stage into the target; returns the rows written.
+    async fn upsert(
+        &self,
+        tx: &Transaction<'_>,
+        shape: &StageShape,
+        name: &str,
+    ) -> Result<u64, ApplyError> {
+        let q = sql::upsert(&self.target, &self.plan, shape, name);
+        tx.execute(&q, &[]).await.map_err(ApplyError::db("upsert"))
+    }
+
     /// Writes a staged group of rows the target should not have by plain INSERT; on a unique
     /// violation rolls that INSERT back and upserts the group instead (and does so for the
     /// next [`INSERT_BACKOFF`] batches). Returns the rows written.
@@ -387,8 +394,7 @@ impl ApplyWriter {
                 ))
                 .await
                 .map_err(ApplyError::db("roll back to savepoint after insert"))?;
-                let q = sql::upsert(&self.target, &self.plan, shape, name);
-                tx.execute(&q, &[]).await.map_err(ApplyError::db("upsert"))
+                self.upsert(tx, shape, name).await
             }
             Err(e) => Err(ApplyError::db("insert")(e)),
         }
