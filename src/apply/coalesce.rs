@@ -318,15 +318,16 @@ impl Coalescer {
     /// Takes slot `i`'s state out, leaving it empty for [`Coalescer::set`] right after: the
     /// earlier image to fill unchanged columns from, and the delete it follows. Moving out
     /// instead of cloning saves copying every repeated row.
-    fn take(&mut self, i: usize) -> (Option<TupleData>, Option<TupleData>, Option<bool>) {
+    /// The third value says whether the image is fresh (see `Net::Upserted`).
+    fn take(&mut self, i: usize) -> (Option<TupleData>, Option<TupleData>, bool) {
         match std::mem::replace(&mut self.slots[i], Net::Empty) {
             Net::Upserted {
                 image,
                 deleted,
                 fresh,
-            } => (Some(image), deleted, Some(fresh)),
-            Net::Deleted(old) => (None, Some(old), Some(false)),
-            Net::Empty => (None, None, None),
+            } => (Some(image), deleted, fresh),
+            Net::Deleted(old) => (None, Some(old), false),
+            Net::Empty => (None, None, false),
         }
     }
 
@@ -344,16 +345,14 @@ impl Coalescer {
         let key = self.key_of(&image)?;
         let i = self.slot_of(key);
         let (prev, deleted, was_fresh) = self.take(i);
-        if let Some(prev) = prev {
-            fill_unchanged(&mut image, &prev);
-        }
         // Fresh: an insert is the key's first change, or an update follows a fresh image.
         // Anything else (a delete, a key change, a backfilled row, a second insert) may have
         // left a target row.
-        let fresh = match was_fresh {
-            None => insert,
-            Some(f) => f && !insert,
-        };
+        let first = prev.is_none() && deleted.is_none();
+        let fresh = if first { insert } else { was_fresh && !insert };
+        if let Some(prev) = prev {
+            fill_unchanged(&mut image, &prev);
+        }
         self.set(
             i,
             Net::Upserted {
@@ -727,12 +726,16 @@ mod tests {
         }
     }
 
+    /// A change of the source transaction that commits at LSN 7.
+    fn sc(change: Change) -> SourceChange {
+        SourceChange {
+            lsn: Lsn(7),
+            change,
+        }
+    }
+
     #[test]
     fn only_a_key_first_inserted_in_the_batch_is_an_insert() {
-        let sc = |c| SourceChange {
-            lsn: Lsn(7),
-            change: c,
-        };
         let a = image(1, 1, [1, 2], [false; 2]);
         let b = image(2, 2, [1, 2], [false; 2]);
         let c = image(2, 1, [3, 4], [false; 2]);
@@ -764,10 +767,6 @@ mod tests {
 
     #[test]
     fn insert_then_delete_nets_a_delete_only() {
-        let sc = |c| SourceChange {
-            lsn: Lsn(7),
-            change: c,
-        };
         let ins = image(1, 1, [1, 2], [false; 2]);
         let out = coalesce(
             &IDENTITY,

@@ -390,33 +390,6 @@ pub fn delete(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> S
 
 /// Inserts the staged final images, overwriting existing rows with the same target key.
 pub fn upsert(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> String {
-    insert_select(t, plan, shape, name, true)
-}
-
-/// Inserts the staged final images of rows the target should not have: a plain INSERT, which
-/// skips `ON CONFLICT`'s speculative insertion (a third less time per row on this machine)
-/// and fails with a unique violation if a row is there after all.
-pub fn insert(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> String {
-    insert_select(t, plan, shape, name, false)
-}
-
-fn insert_select(
-    t: &ApplyTarget,
-    plan: &Plan,
-    shape: &StageShape,
-    name: &str,
-    on_conflict: bool,
-) -> String {
-    let names: Vec<String> = t
-        .target_columns
-        .iter()
-        .map(|c| quote_ident(&c.name))
-        .collect();
-    let exprs: Vec<String> = t
-        .target_columns
-        .iter()
-        .map(|c| format!("({})", c.expr))
-        .collect();
     let keys: Vec<String> = plan
         .key_cols
         .iter()
@@ -434,18 +407,35 @@ fn insert_select(
     } else {
         format!("DO UPDATE SET {}", sets.join(", "))
     };
-    let head = format!(
+    format!(
+        "{} ON CONFLICT ({}) {}",
+        insert(t, plan, shape, name),
+        keys.join(", "),
+        action
+    )
+}
+
+/// Inserts the staged final images of rows the target should not have: a plain INSERT, which
+/// skips `ON CONFLICT`'s speculative insertion (a third less time per row on this machine)
+/// and fails with a unique violation if a row is there after all.
+pub fn insert(t: &ApplyTarget, plan: &Plan, shape: &StageShape, name: &str) -> String {
+    let names: Vec<String> = t
+        .target_columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let exprs: Vec<String> = t
+        .target_columns
+        .iter()
+        .map(|c| format!("({})", c.expr))
+        .collect();
+    format!(
         "INSERT INTO {} ({}) SELECT {} FROM {}",
         plan.table_sql,
         names.join(", "),
         exprs.join(", "),
         typed(t, plan, shape, name),
-    );
-    if on_conflict {
-        format!("{head} ON CONFLICT ({}) {}", keys.join(", "), action)
-    } else {
-        head
-    }
+    )
 }
 
 /// Updates existing rows from staged images that hold unchanged-TOAST columns: a plain copy of
