@@ -484,9 +484,12 @@ impl Worker {
         }
         let from_source = out.len();
         if self.target_lookup {
-            // Bounded: beyond BATCH waiting identities, new ones go to the source side only.
-            let room = BATCH.saturating_sub(self.target_pending.len());
-            self.target_pending.extend(ids.iter().take(room).cloned());
+            // Bounded: beyond BATCH waiting identities the oldest go to the source side only,
+            // not the newest — a change made after a burst must still be looked up (a lone
+            // stray row touched after a load went unchecked while the burst filled the queue).
+            self.target_pending.extend(ids.iter().cloned());
+            let over = self.target_pending.len().saturating_sub(BATCH);
+            self.target_pending.drain(..over);
             if !self.target_pending.is_empty() && Instant::now() >= self.target_next {
                 let pending = std::mem::take(&mut self.target_pending);
                 let started = Instant::now();
