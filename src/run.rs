@@ -39,6 +39,8 @@ use crate::stages::{RunStage, StageLog};
 use crate::state::{self, ChunkProgress, Direction};
 
 mod deferred;
+mod streamed;
+use streamed::Poison;
 
 /// The prefix of shadowmig's logical messages (watermarks and sync markers).
 pub const MESSAGE_PREFIX: &str = "shadowmig";
@@ -87,6 +89,10 @@ pub struct RunOptions {
     /// its bounds or its age first. `SHADOWMIG_APPLY_EAGER=0` turns it off (diagnosis,
     /// benchmarks).
     pub eager: bool,
+    /// Ask the walsender to stream large transactions before their commit (pgoutput
+    /// protocol 2), once the backfill is done, and apply them as they arrive (D29).
+    /// `SHADOWMIG_STREAMING=0` turns it off (diagnosis, benchmarks).
+    pub streaming: bool,
 }
 
 impl Default for RunOptions {
@@ -100,6 +106,7 @@ impl Default for RunOptions {
             batch_max_delay: Duration::from_millis(250),
             pipeline: std::env::var("SHADOWMIG_APPLY_PIPELINE").map_or(true, |v| v != "0"),
             eager: std::env::var("SHADOWMIG_APPLY_EAGER").map_or(true, |v| v != "0"),
+            streaming: std::env::var("SHADOWMIG_STREAMING").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -142,6 +149,15 @@ pub enum RunError {
     /// shutdown or a failure elsewhere) and rolled back in the target; never reaches a caller.
     #[error("a large source transaction was abandoned before its commit and rolled back")]
     Abandoned,
+    /// The change stream must start again at once from the state in the target (not a
+    /// failure); `streaming` says whether the new stream may use protocol-2 streaming (D29).
+    #[error("{why}")]
+    Restart {
+        /// What happened, for the log.
+        why: String,
+        /// Whether the next stream may stream in-progress transactions.
+        streaming: bool,
+    },
 }
 
 impl RunError {
@@ -835,9 +851,22 @@ async fn run_stages(
     }
     metrics::gauge!(crate::metrics::STAGE).set(0.0);
     let mut backoff = Duration::from_millis(500);
+    // Cleared for the rest of the process once a streamed transaction could not be applied
+    // as it arrived (D29).
+    let mut streaming = opts.streaming;
     loop {
-        match run_once(spec, opts, shutdown, stages).await {
+        match run_once(spec, opts, shutdown, stages, streaming).await {
             Ok(outcome) => return Ok(outcome),
+            Err(RunError::Restart { why, streaming: s }) => {
+                if s {
+                    tracing::info!("{why}");
+                } else {
+                    tracing::warn!(
+                        "{why}: restarting the change stream without streaming; from now on the walsender sends every transaction whole at its commit"
+                    );
+                }
+                streaming = streaming && s;
+            }
             Err(e) if e.retryable() => {
                 if *shutdown.borrow() {
                     return Ok(Outcome::Stopped);
@@ -870,6 +899,14 @@ struct Applier<'a> {
     inflight: Option<tokio::task::JoinHandle<FlushDone>>,
     /// The source transaction too large for a batch that is being written as it arrives.
     large: Option<LargeTxn>,
+    /// The transaction being streamed before its commit (protocol 2), written on the spare
+    /// connection while batches commit on the apply connection (D29).
+    streamed: Option<LargeTxn>,
+    /// What to do with streamed transactions' messages.
+    streamed_state: streamed::StreamedState,
+    /// A second target connection and writer for streamed transactions; the two swap roles
+    /// at each streamed commit.
+    spare: Option<(Client, ApplyWriter)>,
     /// [`RunOptions::pipeline`].
     pipeline: bool,
     /// The batch's net effect so far (complete source transactions only).
@@ -1155,7 +1192,20 @@ impl Applier<'_> {
         self.join().await?;
         // Chunks handed in before this transaction must be in first (see `flush`).
         self.settle().await?;
-        let (mut tgt, mut writer) = self.take_conn()?;
+        let (tgt, writer) = self.take_conn()?;
+        tracing::info!("applying a large source transaction in parts as it arrives");
+        self.large = Some(self.spawn_parts_writer(tgt, writer, lsn)?);
+        Ok(())
+    }
+
+    /// Starts a task that writes a source transaction's parts into one target transaction on
+    /// `tgt` and commits it at the source commit; `lsn` orders the transaction's changes.
+    fn spawn_parts_writer(
+        &self,
+        mut tgt: Client,
+        mut writer: ApplyWriter,
+        lsn: Lsn,
+    ) -> Result<LargeTxn, RunError> {
         let net = writer
             .new_batch()
             .map_err(|e| apply_err("applying a large transaction", e))?;
@@ -1170,15 +1220,14 @@ impl Applier<'_> {
                 result,
             }
         });
-        tracing::info!("applying a large source transaction in parts as it arrives");
-        self.large = Some(LargeTxn {
+        Ok(LargeTxn {
             parts,
             handle,
             net,
             lsn,
             changes: 0,
-        });
-        Ok(())
+            received: Instant::now(),
+        })
     }
 
     /// Adds one change of the large transaction; hands a part to its task when the part is
@@ -1215,11 +1264,23 @@ impl Applier<'_> {
         oldest: (PgTimestamp, Instant),
         stream: &crate::replication::LogicalStream,
     ) -> Result<(), RunError> {
-        let Some(mut l) = self.large.take() else {
+        let Some(l) = self.large.take() else {
             return Err(RunError::Fatal(
                 "internal: a large-transaction commit without its writer".into(),
             ));
         };
+        self.commit_parts(l, end_lsn, oldest, stream).await
+    }
+
+    /// Hands a transaction's last part and its commit to its writer task, which becomes the
+    /// batch in flight.
+    async fn commit_parts(
+        &mut self,
+        mut l: LargeTxn,
+        end_lsn: Lsn,
+        oldest: (PgTimestamp, Instant),
+        stream: &crate::replication::LogicalStream,
+    ) -> Result<(), RunError> {
         let mut sent = true;
         if !l.net.is_empty() {
             let part = l.take_part();
@@ -1249,9 +1310,12 @@ struct LargeTxn {
     handle: tokio::task::JoinHandle<FlushDone>,
     /// The part being coalesced.
     net: Coalescer,
-    /// The transaction's commit LSN (from its Begin): the order key of its changes.
+    /// The transaction's commit LSN (from its Begin): the order key of its changes (zero for
+    /// a streamed transaction, whose commit LSN comes last).
     lsn: Lsn,
     changes: u64,
+    /// When its writer started, for the lag histogram of a streamed transaction.
+    received: Instant,
 }
 
 impl LargeTxn {
@@ -1260,7 +1324,6 @@ impl LargeTxn {
         LargeMsg::Part {
             changes: self.net.changes(),
             net: self.net.finish(),
-            lsn: self.lsn,
         }
     }
 }
@@ -1293,7 +1356,6 @@ enum LargeMsg {
     Part {
         net: crate::apply::Coalesced,
         changes: usize,
-        lsn: Lsn,
     },
     /// The source commit: record progress, commit, confirm.
     Commit {
@@ -1321,9 +1383,9 @@ async fn write_large(
     let mut rereads = Vec::new();
     loop {
         match rx.recv().await {
-            Some(LargeMsg::Part { net, changes, lsn }) => {
+            Some(LargeMsg::Part { net, changes }) => {
                 let stats = writer
-                    .write_net(&tx, net, changes, lsn)
+                    .write_part(&tx, net, changes)
                     .await
                     .map_err(|e| apply_err("applying a large transaction", e))?;
                 rereads.extend(record_rereads(&tx, prepared, name, &stats.needs_reread).await?);
@@ -1400,6 +1462,7 @@ async fn run_once(
     opts: &RunOptions,
     shutdown: &mut watch::Receiver<bool>,
     stages: &mut StageLog,
+    streaming_allowed: bool,
 ) -> Result<Outcome, RunError> {
     let src = catalog::connect(&spec.source.url)
         .await
@@ -1453,10 +1516,18 @@ async fn run_once(
     let repl = ReplicationClient::connect_config(spec.source.url.config())
         .await
         .map_err(|e| repl_err("opening the replication connection", e))?;
-    let options = PgOutputOptions::new(1)
+    // Streaming of in-progress transactions only once the backfill is done: a streamed
+    // transaction is written before its commit, which the watermark windows and the bulk
+    // writers do not allow for (D29).
+    let streaming = streaming_allowed && copy_state.done;
+    let proto = if streaming { 2 } else { 1 };
+    let mut options = PgOutputOptions::new(proto)
         .publication(&spec.publication_name())
         .binary(true)
         .messages(true);
+    if streaming {
+        options = options.streaming(true);
+    }
     let mut stream = repl
         .start_logical(
             &spec.slot_name(),
@@ -1471,7 +1542,7 @@ async fn run_once(
         )
         .await
         .map_err(|e| repl_err("starting replication", e))?;
-    tracing::info!(from = %committed.unwrap_or(Lsn::ZERO), rows_copied = copy_state.rows_copied, copy_done = copy_state.done, "streaming changes");
+    tracing::info!(from = %committed.unwrap_or(Lsn::ZERO), rows_copied = copy_state.rows_copied, copy_done = copy_state.done, streaming, "streaming changes");
 
     // Per-process epoch: watermarks left in the WAL by an earlier process are ignored.
     let epoch: u64 = std::time::SystemTime::now()
@@ -1526,6 +1597,9 @@ async fn run_once(
         conn: Some((tgt, writer)),
         inflight: None,
         large: None,
+        streamed: None,
+        streamed_state: streamed::StreamedState::default(),
+        spare: None,
         pipeline: opts.pipeline,
         batch,
         batch_lsn: None,
@@ -1543,7 +1617,9 @@ async fn run_once(
         batch_oldest: None,
         bulk,
     };
-    let mut decoder = Decoder::new(1);
+    let mut decoder = Decoder::new(proto);
+    // The streamed transaction whose block is open (Stream Start … Stream Stop).
+    let mut in_stream: Option<u32> = None;
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
     let mut ready: HashMap<u64, ReadyChunk> = HashMap::new();
     let mut done_ranges: HashMap<u64, Option<KeyValue>> = HashMap::new();
@@ -1728,7 +1804,16 @@ async fn run_once(
         let msg = decoder
             .decode(&data)
             .map_err(|e| RunError::Fatal(format!("decoding the change stream: {e}")))?;
-        if txn.is_none() && !matches!(msg, LogicalMessage::Begin { .. }) {
+        if txn.is_none()
+            && in_stream.is_none()
+            && !matches!(
+                msg,
+                LogicalMessage::Begin { .. }
+                    | LogicalMessage::StreamStart { .. }
+                    | LogicalMessage::StreamCommit { .. }
+                    | LogicalMessage::StreamAbort { .. }
+            )
+        {
             // A message outside any transaction (a watermark or sync marker).
             ap.position = ap.position.max(wal_start);
         }
@@ -1752,26 +1837,28 @@ async fn run_once(
                     large: false,
                 });
             }
-            LogicalMessage::Relation { body, .. } if body.oid == prepared.source_oid => {
+            LogicalMessage::Relation { body, xid } if body.oid == prepared.source_oid => {
                 if let Some(why) = shape_changed(&body, &prepared.source_columns) {
+                    if let Some(top) = in_stream {
+                        // Not yet committed, and it may abort: decided at its commit.
+                        ap.poison_streamed(top, xid.unwrap_or(top), Poison::Shape(why)).await?;
+                        continue;
+                    }
                     ap.flush_sync(&stream).await?;
-                    let msg = format!(
-                        "the source table {} changed shape mid-migration ({why}); shadowmig paused at LSN {last_end} and applied nothing after it. \
-                         Make the target table and the spec's [transform] fit the new shape, then run `shadowmig run` again to go on — \
-                         or `shadowmig abort` to undo the migration",
-                        spec.source.table.quoted()
-                    );
+                    let msg = pause_message(spec, &Poison::Shape(why), last_end);
                     return pause(ap.tgt().await?, spec, msg, stream).await;
                 }
             }
-            LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => {
+            LogicalMessage::Insert { relation, new, xid } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     let k = tracked_key(&prepared, t.track, &new)?;
                     add_change(&mut ap, t, Change::Insert { new }, k, opts, &stream).await?;
+                } else if let Some(top) = in_stream {
+                    ap.push_streamed(top, xid.unwrap_or(top), Change::Insert { new }, opts, &stream).await?;
                 }
             }
             LogicalMessage::Update {
-                relation, old, new, ..
+                relation, old, new, xid,
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     let k = tracked_key(&prepared, t.track, &new)?;
@@ -1782,28 +1869,63 @@ async fn run_once(
                         }
                         None => add_change(&mut ap, t, Change::Upsert { new }, k, opts, &stream).await?,
                     }
+                } else if let Some(top) = in_stream {
+                    let change = match old {
+                        Some((old_kind, old)) => Change::KeyChange { old, old_kind, new },
+                        None => Change::Upsert { new },
+                    };
+                    ap.push_streamed(top, xid.unwrap_or(top), change, opts, &stream).await?;
                 }
             }
             LogicalMessage::Delete {
                 relation,
                 old: (_, old),
-                ..
+                xid,
             } if relation == prepared.source_oid => {
                 if let Some(t) = txn.as_mut() {
                     let k = tracked_key(&prepared, t.track, &old)?;
                     add_change(&mut ap, t, Change::Delete { old }, k, opts, &stream).await?;
+                } else if let Some(top) = in_stream {
+                    ap.push_streamed(top, xid.unwrap_or(top), Change::Delete { old }, opts, &stream).await?;
                 }
             }
-            LogicalMessage::Truncate { relations, .. }
+            LogicalMessage::Truncate { relations, xid, .. }
                 if relations.contains(&prepared.source_oid) =>
             {
+                if let Some(top) = in_stream {
+                    ap.poison_streamed(top, xid.unwrap_or(top), Poison::Truncate).await?;
+                    continue;
+                }
                 ap.flush_sync(&stream).await?;
-                let msg = format!(
-                    "the source table {} was TRUNCATEd mid-migration; shadowmig paused at LSN {last_end} without applying it (the shadow table still holds the old rows). \
-                     The backfill must start over: run `shadowmig abort` and then `shadowmig run` again",
-                    spec.source.table.quoted()
-                );
+                let msg = pause_message(spec, &Poison::Truncate, last_end);
                 return pause(ap.tgt().await?, spec, msg, stream).await;
+            }
+            LogicalMessage::StreamStart { xid, first_segment } => {
+                tracing::trace!(xid, first_segment, "stream block");
+                in_stream = Some(xid);
+            }
+            LogicalMessage::StreamStop => in_stream = None,
+            LogicalMessage::StreamAbort { xid, subxid } => {
+                tracing::debug!(xid, subxid, "stream abort");
+                ap.abort_streamed(xid, subxid).await?;
+            }
+            LogicalMessage::StreamCommit {
+                xid,
+                end_lsn,
+                commit_ts,
+                ..
+            } => {
+                tracing::debug!(xid, %end_lsn, "stream commit");
+                if let Some(why) = ap
+                    .commit_streamed(xid, end_lsn, commit_ts, committed, &stream)
+                    .await?
+                {
+                    ap.flush_sync(&stream).await?;
+                    let msg = pause_message(spec, &why, last_end);
+                    return pause(ap.tgt().await?, spec, msg, stream).await;
+                }
+                last_end = last_end.max(end_lsn);
+                ap.position = ap.position.max(end_lsn);
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 let Some(t) = txn.take() else { continue };
@@ -2003,6 +2125,16 @@ async fn run_once(
                                 let _ = stream.shutdown().await;
                                 return Ok(Outcome::CaughtUp);
                             }
+                            if streaming_allowed && !streaming {
+                                // The backfill finished during this stream: start a new one
+                                // that streams large transactions (everything is applied).
+                                let _ = stream.send_status_now().await;
+                                let _ = stream.shutdown().await;
+                                return Err(RunError::Restart {
+                                    why: "backfill done and caught up: restarting the change stream with large transactions streamed as they happen".into(),
+                                    streaming: true,
+                                });
+                            }
                         }
                     }
                     _ => {}
@@ -2016,7 +2148,28 @@ async fn run_once(
     if outcome.is_err() {
         let _ = ap.join().await;
     }
+    // A streamed transaction not committed yet is rolled back (it comes again from the slot);
+    // waiting for it keeps its row locks from meeting the next stream's batches.
+    let _ = ap.abandon_streamed().await;
     outcome
+}
+
+/// Why the migration pauses at a change of the source table's shape or a TRUNCATE: what
+/// happened and what to do, with the last position applied.
+fn pause_message(spec: &Spec, why: &Poison, last_end: Lsn) -> String {
+    match why {
+        Poison::Shape(why) => format!(
+            "the source table {} changed shape mid-migration ({why}); shadowmig paused at LSN {last_end} and applied nothing after it. \
+             Make the target table and the spec's [transform] fit the new shape, then run `shadowmig run` again to go on — \
+             or `shadowmig abort` to undo the migration",
+            spec.source.table.quoted()
+        ),
+        Poison::Truncate => format!(
+            "the source table {} was TRUNCATEd mid-migration; shadowmig paused at LSN {last_end} without applying it (the shadow table still holds the old rows). \
+             The backfill must start over: run `shadowmig abort` and then `shadowmig run` again",
+            spec.source.table.quoted()
+        ),
+    }
 }
 
 /// The source transaction being received. Without streaming, a transaction arrives whole at

@@ -70,6 +70,16 @@ fn crash_run(seed: u64) {
     let bulk = if seed % 3 == 1 { "0" } else { "1" };
     let deferred = seed % 3 == 2;
     setup(c, &db, if bulk == "1" { 30_000 } else { 4000 });
+    // Even seeds have the walsender stream every transaction over 64 kB before its commit, so
+    // kills also land while a streamed transaction's parts are written (D29).
+    let streamed = seed % 2 == 0;
+    if streamed {
+        c.psql(
+            &db,
+            &format!("ALTER DATABASE \"{db}\" SET logical_decoding_work_mem = '64kB'"),
+        )
+        .unwrap();
+    }
     // A history of every row change with its transaction, to explain a failure.
     c.psql(
         &db,
@@ -172,7 +182,21 @@ fn crash_run(seed: u64) {
     if deferred {
         assert_deferred_built(c, &db, &format!("crash_{seed}"));
     }
-    eprintln!("seed {seed} (bulk {bulk}, deferred {deferred}): {kills} kills, {stats:?}");
+    // Every stream started after the backfill streams large transactions, unless the
+    // process had fallen back to whole transactions (D29).
+    assert!(
+        runs.matches("copy_done=true streaming=false").count()
+            <= runs
+                .matches("restarting the change stream without streaming")
+                .count(),
+        "seed {seed}: a stream after the backfill did not stream large transactions"
+    );
+    let streamed_txns = runs
+        .matches("applying a streamed source transaction")
+        .count();
+    eprintln!(
+        "seed {seed} (bulk {bulk}, deferred {deferred}, 64 kB decoding memory {streamed}): {kills} kills, {streamed_txns} streamed transactions, {stats:?}"
+    );
     // Free the slot: many seeds share one cluster with a fixed number of slots.
     let out = shadowmig(&["abort", spec.to_str().unwrap()])
         .output()

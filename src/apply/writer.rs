@@ -35,7 +35,7 @@ pub struct ApplyStats {
     /// missing from the target, or a transform needs the missing value. Nothing was written
     /// for them; the caller must re-read these keys from the source and apply the rows.
     pub needs_reread: Vec<TupleData>,
-    /// The progress LSN recorded with the batch.
+    /// The progress LSN recorded with the batch (zero for a part, which records none).
     pub lsn: Lsn,
     /// Wall time from the start of coalescing to the end of the last statement (and the
     /// commit, for [`ApplyWriter::apply_batch`]).
@@ -229,18 +229,37 @@ impl ApplyWriter {
         changes: usize,
         lsn: Lsn,
     ) -> Result<ApplyStats, ApplyError> {
-        let start = Instant::now();
         if let Some(last) = net.last_lsn.filter(|&l| l > lsn) {
             // Progress below an applied change would replay it after later batches on restart.
             return Err(ApplyError::InvalidBatch(format!(
                 "progress LSN {lsn} is below the batch's last change at {last}"
             )));
         }
+        let mut stats = self.write_part(tx, net, changes).await?;
+        stats.lsn = lsn;
+        let t = Instant::now();
+        state::write_progress(tx, &self.progress.migration, self.progress.direction, lsn).await?;
+        stats.duration += t.elapsed();
+        Ok(stats)
+    }
+
+    /// Writes part of a source transaction into the caller's open transaction, without the
+    /// progress row: the transaction's last part is followed by
+    /// [`ApplyWriter::write_progress`] at its commit. A transaction streamed before its commit
+    /// is written on a connection of its own while other batches commit on the apply
+    /// connection; a progress row written early would hold their progress updates behind its
+    /// row lock until the source commit.
+    pub async fn write_part(
+        &mut self,
+        tx: &Transaction<'_>,
+        net: Coalesced,
+        changes: usize,
+    ) -> Result<ApplyStats, ApplyError> {
+        let start = Instant::now();
         let mut load_time = Duration::ZERO;
         let mut sql_time = Duration::ZERO;
         let mut stats = ApplyStats {
             changes,
-            lsn,
             ..ApplyStats::default()
         };
         // Staged tables have no statistics; a hash or merge join would read the whole target.
@@ -331,7 +350,6 @@ impl ApplyWriter {
             }
         }
 
-        state::write_progress(tx, &self.progress.migration, self.progress.direction, lsn).await?;
         stats.duration = start.elapsed();
         tracing::debug!(
             changes = stats.changes,
