@@ -854,8 +854,10 @@ async fn run_stages(
     // Cleared for the rest of the process once a streamed transaction could not be applied
     // as it arrived (D29).
     let mut streaming = opts.streaming;
+    // The session holding the migration's writer lock, for the life of the process.
+    let mut lock: Option<Client> = None;
     loop {
-        match run_once(spec, opts, shutdown, stages, streaming).await {
+        match run_once(spec, opts, shutdown, stages, streaming, &mut lock).await {
             Ok(outcome) => return Ok(outcome),
             Err(RunError::Restart { why, streaming: s }) => {
                 if s {
@@ -1238,13 +1240,8 @@ impl Applier<'_> {
                 "internal: a large-transaction change without its writer".into(),
             ));
         };
-        offer_and_coalesce(&mut self.sampler, &mut l.net, l.lsn, change)?;
-        l.changes += 1;
-        if is_full(&l.net, opts) {
-            let part = l.take_part();
-            if l.parts.send(part).await.is_err() {
-                return self.large_writer_ended().await;
-            }
+        if l.add(&mut self.sampler, change, opts)? && !l.send_part().await {
+            return self.large_writer_ended().await;
         }
         Ok(())
     }
@@ -1319,6 +1316,25 @@ struct LargeTxn {
 }
 
 impl LargeTxn {
+    /// Offers `change` to the sampler and adds it to the part; true when the part is full.
+    fn add(
+        &mut self,
+        sampler: &mut Option<crate::sampler::Sampler>,
+        change: Change,
+        opts: &RunOptions,
+    ) -> Result<bool, RunError> {
+        offer_and_coalesce(sampler, &mut self.net, self.lsn, change)?;
+        self.changes += 1;
+        Ok(is_full(&self.net, opts))
+    }
+
+    /// Hands the part to the writer task (waiting while it writes the one before); false when
+    /// the task has ended.
+    async fn send_part(&mut self) -> bool {
+        let part = self.take_part();
+        self.parts.send(part).await.is_ok()
+    }
+
     /// The part coalesced so far, for the task; the part starts empty again.
     fn take_part(&mut self) -> LargeMsg {
         LargeMsg::Part {
@@ -1463,6 +1479,7 @@ async fn run_once(
     shutdown: &mut watch::Receiver<bool>,
     stages: &mut StageLog,
     streaming_allowed: bool,
+    lock: &mut Option<Client>,
 ) -> Result<Outcome, RunError> {
     let src = catalog::connect(&spec.source.url)
         .await
@@ -1470,7 +1487,15 @@ async fn run_once(
     let mut tgt = catalog::connect_as(&spec.target.url, "apply")
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
-    take_writer_lock(&tgt, spec, shutdown).await?;
+    // The writer lock lives on a session of its own, kept across restarts of the stream: a
+    // second `run` must not slip in while this one reconnects.
+    if lock.as_ref().map_or(true, |c| c.is_closed()) {
+        let c = catalog::connect_as(&spec.target.url, "lock")
+            .await
+            .map_err(|e| RunError::Connection(e.to_string()))?;
+        take_writer_lock(&c, spec, shutdown).await?;
+        *lock = Some(c);
+    }
     let prepared = Arc::new(prepare(spec, &src, &tgt).await?);
     let progress = ProgressKey {
         migration: spec.name.clone(),
@@ -1686,6 +1711,24 @@ async fn run_once(
         if txn.is_none() && (eager || due) {
             ap.flush(&stream).await?;
             oldest_unapplied = None;
+        }
+        if streaming_allowed
+            && !streaming
+            && copy_state.done
+            && txn.is_none()
+            && ap.bulk_idle()
+            && ready.is_empty()
+        {
+            // The backfill finished during this stream: start one that streams large
+            // transactions, from what is committed (anything else comes again, as after a
+            // reconnect; the batch is committed first so that little does).
+            ap.flush_sync(&stream).await?;
+            let _ = stream.send_status_now().await;
+            let _ = stream.shutdown().await;
+            return Err(RunError::Restart {
+                why: "backfill done: restarting the change stream with large transactions streamed as they happen".into(),
+                streaming: true,
+            });
         }
         if now.saturating_duration_since(control_check) > Duration::from_millis(500) {
             control_check = now;
@@ -1926,6 +1969,10 @@ async fn run_once(
                 }
                 last_end = last_end.max(end_lsn);
                 ap.position = ap.position.max(end_lsn);
+                if ap.batch_lsn.is_none() {
+                    // The batch was flushed before the streamed commit.
+                    oldest_unapplied = None;
+                }
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 let Some(t) = txn.take() else { continue };
@@ -2125,16 +2172,7 @@ async fn run_once(
                                 let _ = stream.shutdown().await;
                                 return Ok(Outcome::CaughtUp);
                             }
-                            if streaming_allowed && !streaming {
-                                // The backfill finished during this stream: start a new one
-                                // that streams large transactions (everything is applied).
-                                let _ = stream.send_status_now().await;
-                                let _ = stream.shutdown().await;
-                                return Err(RunError::Restart {
-                                    why: "backfill done and caught up: restarting the change stream with large transactions streamed as they happen".into(),
-                                    streaming: true,
-                                });
-                            }
+
                         }
                     }
                     _ => {}

@@ -31,7 +31,7 @@ fn start(
     tempfile::TempDir,
     PathBuf,
     PathBuf,
-    Child,
+    Run,
 ) {
     let (c, db) = testpg::fresh_db(prefix).unwrap();
     c.psql(&db, common::ORDERS_SOURCE).unwrap();
@@ -65,13 +65,36 @@ fn start(
     (c, db, dir, spec, log, child)
 }
 
-fn spawn(spec: &Path, log: &Path) -> Child {
-    common::spawn_run_env(
+fn spawn(spec: &Path, log: &Path) -> Run {
+    Run(common::spawn_run_env(
         spec,
         log,
         "shadowmig=debug",
         &[("SHADOWMIG_BATCH_ROWS", "2000")],
-    )
+    ))
+}
+
+/// A `run` child that is killed if the test fails before stopping it.
+struct Run(Child);
+
+impl std::ops::Deref for Run {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Run {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn read(log: &Path) -> String {
@@ -112,11 +135,16 @@ fn wait_log(log: &Path, text: &str, secs: u64) {
     }
 }
 
+fn assert_logged(log: &Path, text: &str) {
+    let l = read(log);
+    assert!(l.contains(text), "the log does not say {text:?}:\n{l}");
+}
+
 fn count(c: &TestCluster, db: &str, sql: &str) -> i64 {
     c.psql(db, sql).unwrap().parse().unwrap()
 }
 
-fn stop(mut child: Child, c: &TestCluster, db: &str) {
+fn stop(mut child: Run, c: &TestCluster, db: &str) {
     assert_eq!(sigterm(&mut child).code(), Some(0));
     common::assert_orders_equal(c, db);
 }
@@ -260,17 +288,9 @@ fn a_streamed_transaction_that_aborts_leaves_nothing_and_streamed_ddl_pauses_at_
         panic!("run did not pause:\n{}", read(&log));
     };
     assert_eq!(st.code(), Some(3), "paused exit code:\n{}", read(&log));
-    assert!(
-        read(&log).contains("changed shape mid-migration"),
-        "{}",
-        read(&log)
-    );
+    assert_logged(&log, "changed shape mid-migration");
     // Decided at the streamed commit, not before (the same DDL rolled back did not pause).
-    assert!(
-        read(&log).contains("changed the source table's shape"),
-        "{}",
-        read(&log)
-    );
+    assert_logged(&log, "changed the source table's shape");
     assert_eq!(
         count(
             c,
@@ -348,11 +368,7 @@ fn two_transactions_streamed_at_once_fall_back_to_whole_transactions() {
         "{}",
         read(&log)
     );
-    assert!(
-        read(&log).contains("were streamed at once"),
-        "{}",
-        read(&log)
-    );
+    assert_logged(&log, "were streamed at once");
     stop(child, c, &db);
 }
 

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use super::{is_full, offer_and_coalesce, Applier, Change, RunError, RunOptions};
+use super::{Applier, Change, RunError, RunOptions};
 use crate::apply::{ApplyWriter, ProgressKey};
 use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
@@ -200,9 +200,7 @@ impl Applier<'_> {
                 "internal: a streamed change without its writer".into(),
             ));
         };
-        offer_and_coalesce(&mut self.sampler, &mut l.net, l.lsn, change)?;
-        l.changes += 1;
-        if is_full(&l.net, opts) {
+        if l.add(&mut self.sampler, change, opts)? {
             // Every transaction that committed before these changes were made is in the
             // target before them: a key they share was changed by that transaction first
             // (the source's row lock orders them), and it arrived before this part.
@@ -213,8 +211,7 @@ impl Applier<'_> {
                     "internal: a streamed change without its writer".into(),
                 ));
             };
-            let part = l.take_part();
-            if l.parts.send(part).await.is_err() {
+            if !l.send_part().await {
                 return self.streamed_writer_ended().await;
             }
         }
