@@ -1655,7 +1655,11 @@ async fn run_once(
     let mut sync_sent: Option<u64> = None;
     let mut sync_seq: u64 = 0;
     let mut last_report = Instant::now();
-    let mut control_check = Instant::now();
+    // Due at once: the lag gauges exist from a stream's first moments (a stream restarted
+    // right after a short backfill would otherwise show none for half a second).
+    let mut control_check = Instant::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap_or_else(Instant::now);
     let started = Instant::now();
     let mut caught_up_logged = false;
     let mut fast_reads: u32 = 0;
