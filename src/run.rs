@@ -111,6 +111,16 @@ impl Default for RunOptions {
     }
 }
 
+/// How long a stream that fell back from streaming (D29) sends whole transactions before
+/// streaming is tried again: 10 minutes, `SHADOWMIG_STREAMING_RETRY_SECS` for tests.
+fn streaming_retry_after() -> Duration {
+    Duration::from_secs(
+        env_usize("SHADOWMIG_STREAMING_RETRY_SECS")
+            .map(|n| n as u64)
+            .unwrap_or(600),
+    )
+}
+
 /// A positive number from the environment (diagnostic knobs; ignored when not a number).
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name)
@@ -851,23 +861,25 @@ async fn run_stages(
     }
     metrics::gauge!(crate::metrics::STAGE).set(0.0);
     let mut backoff = Duration::from_millis(500);
-    // Cleared for the rest of the process once a streamed transaction could not be applied
-    // as it arrived (D29).
-    let mut streaming = opts.streaming;
+    // From when the stream may stream large transactions (never with the option off): put
+    // off for a while each time a streamed transaction could not be applied as it arrived,
+    // so that the walsender sends that one whole at its commit first (D29).
+    let mut streaming_from = opts.streaming.then(Instant::now);
     // The session holding the migration's writer lock, for the life of the process.
     let mut lock: Option<Client> = None;
     loop {
-        match run_once(spec, opts, shutdown, stages, streaming, &mut lock).await {
+        match run_once(spec, opts, shutdown, stages, streaming_from, &mut lock).await {
             Ok(outcome) => return Ok(outcome),
             Err(RunError::Restart { why, streaming: s }) => {
                 if s {
                     tracing::info!("{why}");
                 } else {
+                    let pause = streaming_retry_after();
                     tracing::warn!(
-                        "{why}: restarting the change stream without streaming; from now on the walsender sends every transaction whole at its commit"
+                        "{why}: restarting the change stream without streaming; the walsender sends every transaction whole at its commit for the next {pause:?}"
                     );
+                    streaming_from = streaming_from.map(|_| Instant::now() + pause);
                 }
-                streaming = streaming && s;
             }
             Err(e) if e.retryable() => {
                 if *shutdown.borrow() {
@@ -1478,7 +1490,7 @@ async fn run_once(
     opts: &RunOptions,
     shutdown: &mut watch::Receiver<bool>,
     stages: &mut StageLog,
-    streaming_allowed: bool,
+    streaming_from: Option<Instant>,
     lock: &mut Option<Client>,
 ) -> Result<Outcome, RunError> {
     let src = catalog::connect(&spec.source.url)
@@ -1544,7 +1556,7 @@ async fn run_once(
     // Streaming of in-progress transactions only once the backfill is done: a streamed
     // transaction is written before its commit, which the watermark windows and the bulk
     // writers do not allow for (D29).
-    let streaming = streaming_allowed && copy_state.done;
+    let streaming = copy_state.done && streaming_from.is_some_and(|t| Instant::now() >= t);
     let proto = if streaming { 2 } else { 1 };
     let mut options = PgOutputOptions::new(proto)
         .publication(&spec.publication_name())
@@ -1716,21 +1728,21 @@ async fn run_once(
             ap.flush(&stream).await?;
             oldest_unapplied = None;
         }
-        if streaming_allowed
-            && !streaming
+        if !streaming
+            && streaming_from.is_some_and(|t| now >= t)
             && copy_state.done
             && txn.is_none()
             && ap.bulk_idle()
             && ready.is_empty()
         {
-            // The backfill finished during this stream: start one that streams large
-            // transactions, from what is committed (anything else comes again, as after a
-            // reconnect; the batch is committed first so that little does).
+            // The backfill finished during this stream, or a fallback's time is up: start one
+            // that streams large transactions, from what is committed (anything else comes
+            // again, as after a reconnect; the batch is committed first so that little does).
             ap.flush_sync(&stream).await?;
             let _ = stream.send_status_now().await;
             let _ = stream.shutdown().await;
             return Err(RunError::Restart {
-                why: "backfill done: restarting the change stream with large transactions streamed as they happen".into(),
+                why: "restarting the change stream with large transactions streamed as they happen".into(),
                 streaming: true,
             });
         }

@@ -70,7 +70,10 @@ fn spawn(spec: &Path, log: &Path) -> Run {
         spec,
         log,
         "shadowmig=debug",
-        &[("SHADOWMIG_BATCH_ROWS", "2000")],
+        &[
+            ("SHADOWMIG_BATCH_ROWS", "2000"),
+            ("SHADOWMIG_STREAMING_RETRY_SECS", "3"),
+        ],
     ))
 }
 
@@ -339,10 +342,34 @@ fn a_rolled_back_streamed_subtransaction_restarts_the_stream_without_streaming()
         ),
         0
     );
-    // Without streaming from now on, a large transaction is still applied whole.
+    // Without streaming for a while (3 s here, 10 minutes by default), a large transaction
+    // is still applied whole...
     c.psql(&db, "UPDATE orders SET status = 'later', total_amount = 3")
         .unwrap();
     assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    // ... and then the stream streams again.
+    let streams_again = |l: &str| {
+        l.rfind(FELL_BACK)
+            .is_some_and(|i| l[i..].contains("streaming=true"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !streams_again(&read(&log)) {
+        assert!(
+            Instant::now() < deadline,
+            "streaming never came back:\n{}",
+            read(&log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let streamed = read(&log).matches(STREAMED).count();
+    c.psql(&db, "UPDATE orders SET status = 'again', total_amount = 4")
+        .unwrap();
+    assert!(wait_equal(c, &db, Duration::from_secs(60)));
+    assert!(
+        read(&log).matches(STREAMED).count() > streamed,
+        "the transaction after the retry was not streamed:\n{}",
+        read(&log)
+    );
     stop(child, c, &db);
 }
 
