@@ -160,12 +160,13 @@ pub enum RunError {
     #[error("a large source transaction was abandoned before its commit and rolled back")]
     Abandoned,
     /// The change stream must start again at once from the state in the target (not a
-    /// failure); `streaming` says whether the new stream may use protocol-2 streaming (D29).
+    /// failure; `run` handles it and it never reaches a caller). D29.
     #[error("{why}")]
     Restart {
         /// What happened, for the log.
         why: String,
-        /// Whether the next stream may stream in-progress transactions.
+        /// True to stream in-progress transactions from now on; false for a fallback, which
+        /// puts streaming off for a while.
         streaming: bool,
     },
 }
