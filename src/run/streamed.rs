@@ -1,6 +1,7 @@
 //! What to do with a source transaction that the walsender streams before its commit
-//! (pgoutput protocol 2, `streaming 'on'`): the decisions only, kept apart from the target
-//! connection that carries them out so that every case is unit-tested without a database.
+//! (pgoutput protocol 2, `streaming 'on'`). The decisions are [`StreamedState`], pure and
+//! unit-tested without a database; the `Applier` methods below carry them out on the spare
+//! target connection.
 //!
 //! Owns: which streamed transaction is being applied, the (sub)transactions whose changes it
 //! received, and whether something in it (DDL, TRUNCATE) means it must not be applied.
