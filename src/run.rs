@@ -111,6 +111,16 @@ impl Default for RunOptions {
     }
 }
 
+/// An apply writer of the migration's forward stream into its target.
+fn forward_writer(spec: &Spec, prepared: &Prepared) -> Result<ApplyWriter, RunError> {
+    let progress = ProgressKey {
+        migration: spec.name.clone(),
+        direction: Direction::Forward,
+    };
+    ApplyWriter::new(prepared.apply_target.clone(), progress)
+        .map_err(|e| RunError::Setup(e.to_string()))
+}
+
 /// How long a stream that fell back from streaming (D29) sends whole transactions before
 /// streaming is tried again: 10 minutes, `SHADOWMIG_STREAMING_RETRY_SECS` for tests.
 fn streaming_retry_after() -> Duration {
@@ -1510,12 +1520,7 @@ async fn run_once(
         *lock = Some(c);
     }
     let prepared = Arc::new(prepare(spec, &src, &tgt).await?);
-    let progress = ProgressKey {
-        migration: spec.name.clone(),
-        direction: Direction::Forward,
-    };
-    let writer = ApplyWriter::new(prepared.apply_target.clone(), progress)
-        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let writer = forward_writer(spec, &prepared)?;
     let committed = writer
         .committed_lsn(&tgt)
         .await

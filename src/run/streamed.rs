@@ -11,12 +11,11 @@
 
 use std::collections::HashSet;
 
+use super::forward_writer;
 use super::{Applier, Change, RunError, RunOptions};
-use crate::apply::{ApplyWriter, ProgressKey};
 use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
 use crate::replication::LogicalStream;
-use crate::state::Direction;
 
 /// The streamed transaction being applied, if any.
 #[derive(Debug, Default)]
@@ -197,9 +196,7 @@ impl Applier<'_> {
             OnChange::Push => {}
         }
         let Some(l) = self.streamed.as_mut() else {
-            return Err(RunError::Fatal(
-                "internal: a streamed change without its writer".into(),
-            ));
+            return Err(no_writer());
         };
         if l.add(&mut self.sampler, change, opts)? {
             // Every transaction that committed before these changes were made is in the
@@ -208,9 +205,7 @@ impl Applier<'_> {
             self.flush(stream).await?;
             self.join().await?;
             let Some(l) = self.streamed.as_mut() else {
-                return Err(RunError::Fatal(
-                    "internal: a streamed change without its writer".into(),
-                ));
+                return Err(no_writer());
             };
             if !l.send_part().await {
                 return self.streamed_writer_ended().await;
@@ -275,9 +270,7 @@ impl Applier<'_> {
                     return self.abandon_streamed().await.map(|()| None);
                 }
                 let Some(l) = self.streamed.take() else {
-                    return Err(RunError::Fatal(
-                        "internal: a streamed commit without its writer".into(),
-                    ));
+                    return Err(no_writer());
                 };
                 // The idle apply connection waits for the next streamed transaction; the one
                 // that wrote this transaction applies the batches after it.
@@ -299,15 +292,7 @@ impl Applier<'_> {
                 let tgt = crate::catalog::connect_as(&self.spec.target.url, "apply")
                     .await
                     .map_err(|e| RunError::Connection(e.to_string()))?;
-                let writer = ApplyWriter::new(
-                    self.prepared_arc.apply_target.clone(),
-                    ProgressKey {
-                        migration: self.spec.name.clone(),
-                        direction: Direction::Forward,
-                    },
-                )
-                .map_err(|e| RunError::Setup(e.to_string()))?;
-                (tgt, writer)
+                (tgt, forward_writer(self.spec, &self.prepared_arc)?)
             }
         };
         tracing::info!("applying a streamed source transaction in parts before its commit");
@@ -352,6 +337,11 @@ impl Applier<'_> {
             streaming: false,
         })
     }
+}
+
+/// A streamed transaction's message arrived while no writer holds it open.
+fn no_writer() -> RunError {
+    RunError::Fatal("internal: a streamed transaction without its writer".into())
 }
 
 #[cfg(test)]
