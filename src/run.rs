@@ -39,6 +39,7 @@ use crate::stages::{RunStage, StageLog};
 use crate::state::{self, ChunkProgress, Direction};
 
 mod deferred;
+mod shape;
 mod streamed;
 use streamed::Poison;
 
@@ -268,6 +269,99 @@ async fn existing_table(
         .await
         .map_err(|e| RunError::Setup(e.to_string()))?
         .ok_or_else(|| RunError::Setup(format!("{side} table {} not found", table.quoted())))
+}
+
+/// [`prepare`], and the source's WAL insert position at which the columns it read were
+/// current: while the catalogs are read, a session of its own holds `ACCESS SHARE` on the
+/// source table, so no DDL on it can commit meanwhile. A transaction whose commit lies below
+/// that position wrote the table in a shape these columns already account for, which is how
+/// a replay from before a DDL is told from a new DDL (D30). The lock waits behind a DDL
+/// under way (1 s per try, then retried), never queues others behind itself for long.
+async fn prepare_at(
+    spec: &Spec,
+    src: &Client,
+    tgt: &Client,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(Prepared, Lsn), RunError> {
+    let guard = catalog::connect_as(&spec.source.url, "prepare")
+        .await
+        .map_err(|e| RunError::Connection(e.to_string()))?;
+    let lock = format!(
+        "BEGIN; SET LOCAL lock_timeout = '1s'; LOCK TABLE {} IN ACCESS SHARE MODE",
+        spec.source.table.quoted()
+    );
+    let started = Instant::now();
+    loop {
+        match guard.batch_execute(&lock).await {
+            Ok(()) => break,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                let _ = guard.batch_execute("ROLLBACK").await;
+                if *shutdown.borrow() || started.elapsed() > Duration::from_secs(120) {
+                    return Err(RunError::Connection(format!(
+                        "the source table {} stayed locked by another session (a DDL under way?) for {} s while its columns were read",
+                        spec.source.table.quoted(),
+                        started.elapsed().as_secs()
+                    )));
+                }
+                tracing::info!("waiting for a lock on the source table to read its columns");
+            }
+            // A missing table or privilege: prepare says which, without the lock.
+            Err(_) => {
+                let _ = guard.batch_execute("ROLLBACK").await;
+                break;
+            }
+        }
+    }
+    let prepared = prepare(spec, src, tgt).await?;
+    let at: String = src
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| pg_err("reading the source's WAL position", e))?
+        .get(0);
+    let at: Lsn = at
+        .parse()
+        .map_err(|_| RunError::Fatal(format!("unreadable WAL position {at}")))?;
+    let _ = guard.batch_execute("COMMIT").await;
+    Ok((prepared, at))
+}
+
+/// Records the source table's shape the migration follows when none is (the first run, or
+/// the first after a pause); otherwise says how the current one differs from it, if it does.
+/// A shape change the stream reports is only "old" (D30) relative to a shape the operator has
+/// accepted, so a run that prepares again after a reconnect must not accept a new one itself.
+async fn accept_shape(
+    tgt: &Client,
+    spec: &Spec,
+    columns: &[catalog::Column],
+) -> Result<Option<String>, RunError> {
+    let now: String = columns
+        .iter()
+        .map(|c| format!("{} {}", quote_ident(&c.name), c.type_oid))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = tgt
+        .query_one(
+            "SELECT source_shape FROM shadowmig.migrations WHERE name = $1",
+            &[&spec.name],
+        )
+        .await
+        .map_err(|e| pg_err("reading the source table's accepted shape", e))?;
+    let accepted: Option<String> = row.get(0);
+    match accepted {
+        Some(a) if a == now => Ok(None),
+        Some(a) => Ok(Some(format!(
+            "columns (name type-oid) were [{a}], now [{now}], changed while no stream was reading"
+        ))),
+        None => {
+            tgt.execute(
+                "UPDATE shadowmig.migrations SET source_shape = $2 WHERE name = $1",
+                &[&spec.name, &now],
+            )
+            .await
+            .map_err(|e| pg_err("recording the source table's shape", e))?;
+            Ok(None)
+        }
+    }
 }
 
 /// Derives the apply target and the copy source from the catalogs of both databases.
@@ -616,6 +710,13 @@ pub async fn set_up(
             state::set_stage(&*tgt, &spec.name, "source")
                 .await
                 .map_err(|e| state_err("resuming after a pause", e))?;
+            // Running again after a pause accepts the source table's shape as it is now (D30).
+            tgt.execute(
+                "UPDATE shadowmig.migrations SET source_shape = NULL WHERE name = $1",
+                &[&spec.name],
+            )
+            .await
+            .map_err(|e| pg_err("resuming after a pause", e))?;
         }
     }
 
@@ -687,6 +788,7 @@ async fn ensure_run_state(tgt: &Client) -> Result<(), RunError> {
         "ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS created_target boolean NOT NULL DEFAULT false;
          ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS changes_applied bigint NOT NULL DEFAULT 0;
          ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS caught_up_at timestamptz;
+         ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS source_shape text;
          CREATE TABLE IF NOT EXISTS shadowmig.reread (
              migration text NOT NULL,
              key text[] NOT NULL,
@@ -1519,12 +1621,21 @@ async fn run_once(
         take_writer_lock(&c, spec, shutdown).await?;
         *lock = Some(c);
     }
-    let prepared = Arc::new(prepare(spec, &src, &tgt).await?);
+    let (prepared, prepared_at) = prepare_at(spec, &src, &tgt, shutdown).await?;
+    let prepared = Arc::new(prepared);
     let writer = forward_writer(spec, &prepared)?;
     let committed = writer
         .committed_lsn(&tgt)
         .await
         .map_err(|e| apply_err("reading progress", e))?;
+    if let Some(why) = accept_shape(&tgt, spec, &prepared.source_columns).await? {
+        // A DDL while no stream of this run was reading (a reconnect or restart): the
+        // operator decides, as for one seen in the stream.
+        let msg = pause_message(spec, &Poison::Shape(why), committed.unwrap_or(Lsn::ZERO));
+        let _ = state::set_last_error(&tgt, &spec.name, Some(&msg)).await;
+        let _ = state::set_stage(&tgt, &spec.name, "paused").await;
+        return Ok(Outcome::Paused(msg));
+    }
     let mut copy_state = read_copy_state(&tgt, &spec.name).await?;
     // With deferred constraints the whole copy comes first and nothing is streamed until the
     // constraints are built; the stream then starts where the slot was created (D26).
@@ -1668,6 +1779,16 @@ async fn run_once(
     let mut done_ranges: HashMap<u64, Option<KeyValue>> = HashMap::new();
     let mut next_frontier_id: u64 = 1;
     let mut txn: Option<Txn> = None;
+    // Set while the table's tuples arrive in a shape older than the prepared one (D30).
+    let mut older_shape: Option<shape::ShapeMap> = None;
+    // What rows are matched and re-read by: the identity and the backfill key.
+    let identity: Vec<bool> = prepared
+        .apply_target
+        .source_columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.is_identity || prepared.copy_source.key.contains(&i))
+        .collect();
     let mut last_end = committed.unwrap_or(Lsn::ZERO);
     let mut oldest_unapplied: Option<Instant> = None;
     let mut sync_sent: Option<u64> = None;
@@ -1903,15 +2024,62 @@ async fn run_once(
                 });
             }
             LogicalMessage::Relation { body, xid } if body.oid == prepared.source_oid => {
-                if let Some(why) = shape_changed(&body, &prepared.source_columns) {
-                    if let Some(top) = in_stream {
-                        // Not yet committed, and it may abort: decided at its commit.
-                        ap.poison_streamed(top, xid.unwrap_or(top), Poison::Shape(why)).await?;
-                        continue;
+                let Some(why) = shape_changed(&body, &prepared.source_columns) else {
+                    if in_stream.is_none() {
+                        older_shape = None;
                     }
-                    ap.flush_sync(&stream).await?;
-                    let msg = pause_message(spec, &Poison::Shape(why), last_end);
-                    return pause(ap.tgt().await?, spec, msg, stream).await;
+                    continue;
+                };
+                if let Some(top) = in_stream {
+                    // Not yet committed, and it may abort: decided at its commit.
+                    ap.poison_streamed(top, xid.unwrap_or(top), Poison::Shape(why)).await?;
+                    continue;
+                }
+                match txn.as_ref().filter(|t| t.final_lsn < prepared_at) {
+                    // Committed before the columns were read: written before a DDL they
+                    // include, replayed (D30).
+                    Some(t) => match shape::ShapeMap::new(&body, &prepared.source_columns, &identity) {
+                        Ok(m) => {
+                            tracing::info!(
+                                xid = t.xid,
+                                commit = %t.final_lsn,
+                                "changes written before the source table's last change of shape ({why}): matched to its current columns by name{}",
+                                if m.complete() { "" } else { "; rows whose columns changed since are re-read from the source" }
+                            );
+                            older_shape = Some(m);
+                        }
+                        Err(e) => {
+                            ap.flush_sync(&stream).await?;
+                            let msg = pause_message(spec, &Poison::Shape(format!("{why}; {e}")), last_end);
+                            return pause(ap.tgt().await?, spec, msg, stream).await;
+                        }
+                    },
+                    None => {
+                        ap.flush_sync(&stream).await?;
+                        let msg = pause_message(spec, &Poison::Shape(why), last_end);
+                        return pause(ap.tgt().await?, spec, msg, stream).await;
+                    }
+                }
+            }
+            LogicalMessage::Insert { .. } | LogicalMessage::Update { .. } | LogicalMessage::Delete { .. }
+                if in_stream.is_none() && older_shape.is_some() =>
+            {
+                let (Some(m), Some(t)) = (older_shape.as_ref(), txn.as_mut()) else { continue };
+                let change = match msg {
+                    LogicalMessage::Insert { relation, new, .. } if relation == prepared.source_oid => Change::Insert { new },
+                    LogicalMessage::Update { relation, old: None, new, .. } if relation == prepared.source_oid => Change::Upsert { new },
+                    LogicalMessage::Update { relation, old: Some((old_kind, old)), new, .. } if relation == prepared.source_oid => {
+                        Change::KeyChange { old, old_kind, new }
+                    }
+                    LogicalMessage::Delete { relation, old: (_, old), .. } if relation == prepared.source_oid => Change::Delete { old },
+                    _ => continue,
+                };
+                let mapped = m
+                    .map(change)
+                    .map_err(|e| RunError::Fatal(format!("source transaction {}: {e}", t.xid)))?;
+                for c in mapped {
+                    let keys = change_keys(&prepared, t.track, &c)?;
+                    add_change(&mut ap, t, c, keys, opts, &stream).await?;
                 }
             }
             LogicalMessage::Insert { relation, new, xid } if relation == prepared.source_oid => {
@@ -1981,8 +2149,13 @@ async fn run_once(
                 ..
             } => {
                 tracing::debug!(xid, %end_lsn, "stream commit");
+                if ap.streamed_state.open_xid() == Some(xid) {
+                    // The walsender takes the shape it sent in the transaction as known from
+                    // now on; unpoisoned, that is the prepared shape.
+                    older_shape = None;
+                }
                 if let Some(why) = ap
-                    .commit_streamed(xid, end_lsn, commit_ts, committed, &stream)
+                    .commit_streamed(xid, end_lsn, commit_ts, (committed, prepared_at), &stream)
                     .await?
                 {
                     ap.flush_sync(&stream).await?;
@@ -2385,6 +2558,20 @@ fn tracked_key(p: &Prepared, track: bool, t: &TupleData) -> Result<Option<KeyVal
         // The error says which column.
         Some(_) => key_of(p, t).map(Some),
     }
+}
+
+/// The keys a change touches, for the watermark windows (see [`tracked_key`]).
+fn change_keys(p: &Prepared, track: bool, c: &Change) -> Result<Vec<KeyValue>, RunError> {
+    let tuples: [Option<&TupleData>; 2] = match c {
+        Change::Insert { new } | Change::Upsert { new } => [Some(new), None],
+        Change::Delete { old } => [Some(old), None],
+        Change::KeyChange { old, new, .. } => [Some(new), Some(old)],
+    };
+    let mut keys = Vec::new();
+    for t in tuples.into_iter().flatten() {
+        keys.extend(tracked_key(p, track, t)?);
+    }
+    Ok(keys)
 }
 
 /// The identity key of a tuple (new row, or `K`/`O` old tuple), as binary values.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{http_get, shadowmig, sigterm, status_json, wait_equal, wait_exit};
+use common::{assert_logged, http_get, shadowmig, sigterm, status_json, wait_equal, wait_exit};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -509,6 +509,115 @@ fn source_ddl_mid_run_pauses_with_a_message_and_loses_nothing() {
     run_to_catch_up(&spec);
     common::assert_orders_equal(c, &db);
     assert_eq!(status_json(&spec)["stage"], "source");
+}
+
+/// A DDL inside a transaction that changed rows before and after it: the run pauses; the
+/// next run replays the rows written before the DDL in the older shape and must map them onto
+/// the current columns (D30) instead of pausing again. Twice: a dropped column (rows only
+/// reordered), then a retyped and an added column (rows deleted and re-read from the source).
+#[test]
+fn rows_written_before_a_ddl_in_the_same_transaction_are_applied_by_the_next_run() {
+    let (c, db) = testpg::fresh_db("engine_ddl_txn").unwrap();
+    setup(c, &db, 400);
+    c.psql(&db, "ALTER TABLE orders ADD COLUMN scratch int DEFAULT 5")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "ddl_txn", &c.url(&db), 100);
+    let log1 = dir.path().join("run1.log");
+    let mut first = spawn_caught_up(c, &db, &spec, &log1, 60);
+    c.psql(
+        &db,
+        "BEGIN;
+         UPDATE orders SET status = 'before-drop', note = 'n' || id WHERE id <= 5;
+         DELETE FROM orders WHERE id = 6;
+         INSERT INTO orders (customer_id, total_amount, status, note) VALUES (77, 700, 'new-before-drop', 'x');
+         UPDATE orders SET id = id + 100000 WHERE id = 7;
+         ALTER TABLE orders DROP COLUMN scratch;
+         UPDATE orders SET status = 'after-drop' WHERE id BETWEEN 4 AND 9;
+         COMMIT;",
+    )
+    .unwrap();
+    let Some(st) = wait_exit(&mut first, Duration::from_secs(30)) else {
+        let _ = first.kill();
+        panic!(
+            "run did not pause:\n{}",
+            std::fs::read_to_string(&log1).unwrap_or_default()
+        );
+    };
+    assert_eq!(st.code(), Some(3), "paused exit code");
+    assert_logged(&log1, "changed shape mid-migration");
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM orders_v2 WHERE status = 'before-drop' OR id = 100007"
+        )
+        .unwrap(),
+        "0",
+        "nothing of the transaction is applied"
+    );
+
+    // The operator reruns: the transaction is replayed, its first rows in the older shape.
+    let log2 = dir.path().join("run2.log");
+    let mut second = spawn_caught_up(c, &db, &spec, &log2, 60);
+    assert_logged(&log2, "matched to its current columns by name");
+    assert!(
+        !std::fs::read_to_string(&log2)
+            .unwrap()
+            .contains("re-read from the source"),
+        "a dropped column needs no re-read"
+    );
+    assert_eq!(status_json(&spec)["stage"], "source");
+
+    // A retyped and an added column, in the middle of a transaction again.
+    c.psql(
+        &db,
+        "BEGIN;
+         UPDATE orders SET status = 'before-retype', note = repeat('t', 5000) WHERE id BETWEEN 10 AND 14;
+         DELETE FROM orders WHERE id = 15;
+         INSERT INTO orders (customer_id, total_amount, status, note) VALUES (78, 800, 'new-before-retype', 'y');
+         UPDATE orders SET id = id + 100000, customer_id = customer_id + 1 WHERE id = 16;
+         ALTER TABLE orders ALTER COLUMN status TYPE varchar(40);
+         ALTER TABLE orders ADD COLUMN priority int DEFAULT 3;
+         UPDATE orders SET priority = 1, note = 'after-retype' WHERE id BETWEEN 12 AND 20;
+         COMMIT;
+         UPDATE orders SET status = 'later', priority = 2 WHERE id = 13;",
+    )
+    .unwrap();
+    let Some(st) = wait_exit(&mut second, Duration::from_secs(30)) else {
+        let _ = second.kill();
+        panic!(
+            "run did not pause:\n{}",
+            std::fs::read_to_string(&log2).unwrap_or_default()
+        );
+    };
+    assert_eq!(st.code(), Some(3), "paused exit code");
+    assert_logged(&log2, "changed shape mid-migration");
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM orders_v2 WHERE status = 'before-retype' OR id = 100016"
+        )
+        .unwrap(),
+        "0",
+        "nothing of the second transaction is applied"
+    );
+    let log3 = dir.path().join("run3.log");
+    let mut third = spawn_caught_up(c, &db, &spec, &log3, 60);
+    assert_logged(&log3, "re-read from the source");
+    common::assert_orders_equal(c, &db);
+    assert_eq!(status_json(&spec)["stage"], "source");
+    // And it goes on streaming in the new shape.
+    c.psql(
+        &db,
+        "UPDATE orders SET status = 'streamed', priority = 9 WHERE id BETWEEN 30 AND 40",
+    )
+    .unwrap();
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(30)),
+        "{}",
+        std::fs::read_to_string(&log3).unwrap()
+    );
+    assert_eq!(sigterm(&mut third).code(), Some(0));
 }
 
 #[test]

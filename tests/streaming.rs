@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{sigterm, wait_equal, wait_exit};
+use common::{assert_logged, sigterm, wait_equal, wait_exit};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -136,11 +136,6 @@ fn wait_log(log: &Path, text: &str, secs: u64) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn assert_logged(log: &Path, text: &str) {
-    let l = read(log);
-    assert!(l.contains(text), "the log does not say {text:?}:\n{l}");
 }
 
 fn count(c: &TestCluster, db: &str, sql: &str) -> i64 {

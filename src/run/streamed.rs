@@ -80,8 +80,7 @@ pub(super) enum OnCommit {
 
 impl StreamedState {
     /// The xid of the transaction being applied.
-    #[cfg(test)]
-    fn open_xid(&self) -> Option<u32> {
+    pub(super) fn open_xid(&self) -> Option<u32> {
         self.open.as_ref().map(|o| o.xid)
     }
 
@@ -247,17 +246,30 @@ impl Applier<'_> {
     /// Stream Commit of `top`, whose commit ends at `end_lsn`: once every earlier commit is in
     /// the target, its target transaction commits with the progress, as the batch in flight.
     /// `Some(reason)` when the migration must pause instead (the transaction changed the source
-    /// table's shape or truncated it).
+    /// table's shape or truncated it). `committed` is the progress the run started from,
+    /// `prepared_at` where the prepared columns were current: a shape change committed before
+    /// that is a replay from before a DDL they include, which the stream can only map onto
+    /// them when the transaction comes whole, so it restarts without streaming (D30).
     pub(super) async fn commit_streamed(
         &mut self,
         top: u32,
         end_lsn: Lsn,
         commit_ts: PgTimestamp,
-        committed: Option<Lsn>,
+        (committed, prepared_at): (Option<Lsn>, Lsn),
         stream: &LogicalStream,
     ) -> Result<Option<Poison>, RunError> {
         match self.streamed_state.on_commit(top) {
             OnCommit::Nothing => Ok(None),
+            OnCommit::Pause(_) if committed.is_some_and(|c| end_lsn <= c) => {
+                self.abandon_streamed().await.map(|()| None)
+            }
+            OnCommit::Pause(Poison::Shape(why)) if end_lsn <= prepared_at => {
+                self.fall_back(format!(
+                    "streamed transaction {top} was written before the source table's last change of shape ({why})"
+                ))
+                .await
+                .map(|()| None)
+            }
             OnCommit::Pause(why) => {
                 self.abandon_streamed().await?;
                 Ok(Some(why))

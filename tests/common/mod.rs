@@ -271,6 +271,12 @@ pub fn spawn_run_env(
         .unwrap()
 }
 
+/// Panics with the log unless it says `text`.
+pub fn assert_logged(log: &std::path::Path, text: &str) {
+    let l = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(l.contains(text), "the log does not say {text:?}:\n{l}");
+}
+
 /// SIGTERM to a child, then its exit status.
 pub fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
     // SAFETY: signalling our own child.
