@@ -511,6 +511,20 @@ fn source_ddl_mid_run_pauses_with_a_message_and_loses_nothing() {
     assert_eq!(status_json(&spec)["stage"], "source");
 }
 
+/// Waits for `run` to pause on a change of the source's shape (exit 3, the message logged);
+/// on a timeout, kills it and panics with its log.
+fn wait_paused_on_shape(child: &mut std::process::Child, log: &Path) {
+    let Some(st) = wait_exit(child, Duration::from_secs(30)) else {
+        let _ = child.kill();
+        panic!(
+            "run did not pause:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    };
+    assert_eq!(st.code(), Some(3), "paused exit code");
+    assert_logged(log, "changed shape mid-migration");
+}
+
 /// A DDL inside a transaction that changed rows before and after it: the run pauses; the
 /// next run replays the rows written before the DDL in the older shape and must map them onto
 /// the current columns (D30) instead of pausing again. Twice: a dropped column (rows only
@@ -537,15 +551,7 @@ fn rows_written_before_a_ddl_in_the_same_transaction_are_applied_by_the_next_run
          COMMIT;",
     )
     .unwrap();
-    let Some(st) = wait_exit(&mut first, Duration::from_secs(30)) else {
-        let _ = first.kill();
-        panic!(
-            "run did not pause:\n{}",
-            std::fs::read_to_string(&log1).unwrap_or_default()
-        );
-    };
-    assert_eq!(st.code(), Some(3), "paused exit code");
-    assert_logged(&log1, "changed shape mid-migration");
+    wait_paused_on_shape(&mut first, &log1);
     assert_eq!(
         c.psql(
             &db,
@@ -583,15 +589,7 @@ fn rows_written_before_a_ddl_in_the_same_transaction_are_applied_by_the_next_run
          UPDATE orders SET status = 'later', priority = 2 WHERE id = 13;",
     )
     .unwrap();
-    let Some(st) = wait_exit(&mut second, Duration::from_secs(30)) else {
-        let _ = second.kill();
-        panic!(
-            "run did not pause:\n{}",
-            std::fs::read_to_string(&log2).unwrap_or_default()
-        );
-    };
-    assert_eq!(st.code(), Some(3), "paused exit code");
-    assert_logged(&log2, "changed shape mid-migration");
+    wait_paused_on_shape(&mut second, &log2);
     assert_eq!(
         c.psql(
             &db,
