@@ -333,12 +333,8 @@ async fn accept_shape(
     tgt: &Client,
     spec: &Spec,
     columns: &[catalog::Column],
-) -> Result<Option<String>, RunError> {
-    let now: String = columns
-        .iter()
-        .map(|c| format!("{} {}", quote_ident(&c.name), c.type_oid))
-        .collect::<Vec<_>>()
-        .join(", ");
+) -> Result<Option<StaleShape>, RunError> {
+    let now = shape_text(columns.iter().map(|c| (c.name.as_str(), c.type_oid)));
     let row = tgt
         .query_one(
             "SELECT source_shape FROM shadowmig.migrations WHERE name = $1",
@@ -349,9 +345,12 @@ async fn accept_shape(
     let accepted: Option<String> = row.get(0);
     match accepted {
         Some(a) if a == now => Ok(None),
-        Some(a) => Ok(Some(format!(
-            "columns (name type-oid) were [{a}], now [{now}], changed while no stream was reading"
-        ))),
+        Some(a) => Ok(Some(StaleShape {
+            why: format!(
+                "columns (name type-oid) were [{a}], now [{now}], changed while no stream was reading"
+            ),
+            accepted: a,
+        })),
         None => {
             tgt.execute(
                 "UPDATE shadowmig.migrations SET source_shape = $2 WHERE name = $1",
@@ -362,6 +361,25 @@ async fn accept_shape(
             Ok(None)
         }
     }
+}
+
+/// The source table changed shape after the operator accepted its shape and before this
+/// stream started: the changes written before the DDL are still to come, in the accepted
+/// shape. They are applied (mapped by name, D30) and the run pauses where the DDL is crossed.
+struct StaleShape {
+    /// The accepted shape, as [`shape_text`] renders it.
+    accepted: String,
+    /// What changed, for the pause message.
+    why: String,
+}
+
+/// A table's shape as recorded in `shadowmig.migrations.source_shape`: each column's quoted
+/// name and type oid.
+fn shape_text<'a>(columns: impl Iterator<Item = (&'a str, u32)>) -> String {
+    columns
+        .map(|(name, oid)| format!("{} {oid}", quote_ident(name)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Derives the apply target and the copy source from the catalogs of both databases.
@@ -1606,7 +1624,7 @@ async fn run_once(
     streaming_from: Option<Instant>,
     lock: &mut Option<Client>,
 ) -> Result<Outcome, RunError> {
-    let src = catalog::connect(&spec.source.url)
+    let mut src = catalog::connect(&spec.source.url)
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
     let mut tgt = catalog::connect_as(&spec.target.url, "apply")
@@ -1628,13 +1646,14 @@ async fn run_once(
         .committed_lsn(&tgt)
         .await
         .map_err(|e| apply_err("reading progress", e))?;
-    if let Some(why) = accept_shape(&tgt, spec, &prepared.source_columns).await? {
-        // A DDL while no stream of this run was reading (a reconnect or restart): the
-        // operator decides, as for one seen in the stream.
-        let msg = pause_message(spec, &Poison::Shape(why), committed.unwrap_or(Lsn::ZERO));
-        let _ = state::set_last_error(&tgt, &spec.name, Some(&msg)).await;
-        let _ = state::set_stage(&tgt, &spec.name, "paused").await;
-        return Ok(Outcome::Paused(msg));
+    // A DDL while no stream of this run was reading (a reconnect or restart): the operator
+    // decides, as for one seen in the stream, once what was written before it is applied.
+    let mut stale = accept_shape(&tgt, spec, &prepared.source_columns).await?;
+    if let Some(s) = &stale {
+        tracing::info!(
+            "the source table changed shape while no stream was reading ({}): applying the changes written before, then pausing",
+            s.why
+        );
     }
     let mut copy_state = read_copy_state(&tgt, &spec.name).await?;
     // With deferred constraints the whole copy comes first and nothing is streamed until the
@@ -1649,20 +1668,7 @@ async fn run_once(
     if !deferred.is_empty() {
         deferred::build(spec, &mut tgt, &deferred).await?;
     }
-    let pending_rereads: Vec<KeyValue> = tgt
-        .query(
-            "SELECT key FROM shadowmig.reread WHERE migration = $1",
-            &[&spec.name],
-        )
-        .await
-        .map_err(|e| pg_err("reading pending re-reads", e))?
-        .iter()
-        .filter_map(|r| {
-            r.try_get::<_, Vec<Option<String>>>(0)
-                .ok()
-                .and_then(|k| unhex_key(&k))
-        })
-        .collect();
+    let pending_rereads = queued_rereads(&tgt, &spec.name).await?;
     let control = catalog::connect_as(&spec.target.url, "control")
         .await
         .map_err(|e| RunError::Connection(e.to_string()))?;
@@ -1673,7 +1679,9 @@ async fn run_once(
     // Streaming of in-progress transactions only once the backfill is done: a streamed
     // transaction is written before its commit, which the watermark windows and the bulk
     // writers do not allow for (D29).
-    let streaming = copy_state.done && streaming_from.is_some_and(|t| Instant::now() >= t);
+    // Not while a stale shape is being drained: its changes are mapped as whole transactions.
+    let streaming =
+        copy_state.done && stale.is_none() && streaming_from.is_some_and(|t| Instant::now() >= t);
     let proto = if streaming { 2 } else { 1 };
     let mut options = PgOutputOptions::new(proto)
         .publication(&spec.publication_name())
@@ -1703,6 +1711,16 @@ async fn run_once(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
+    if stale.is_some() {
+        // Everything written before the DDL is in the stream before this marker.
+        emit_watermark(
+            &src,
+            MESSAGE_PREFIX,
+            &format!("shape:{}:{epoch}:0", spec.name),
+        )
+        .await
+        .map_err(|e| copy_err("emitting a shape marker", e))?;
+    }
     let shared = Arc::new(Shared {
         paused: AtomicBool::new(false),
         workers: AtomicU64::new(u64::from(spec.copy.workers.max(1))),
@@ -1856,6 +1874,7 @@ async fn run_once(
             oldest_unapplied = None;
         }
         if !streaming
+            && stale.is_none()
             && streaming_from.is_some_and(|t| now >= t)
             && copy_state.done
             && txn.is_none()
@@ -2023,6 +2042,25 @@ async fn run_once(
                     large: false,
                 });
             }
+            LogicalMessage::Relation { body, .. }
+                if body.oid == prepared.source_oid && stale.is_some() =>
+            {
+                let Some(s) = stale.as_ref() else { continue };
+                let shape = shape_text(body.columns.iter().map(|c| (c.name.as_str(), c.type_oid)));
+                let mapped = (shape == s.accepted)
+                    .then(|| shape::ShapeMap::new(&body, &prepared.source_columns, &identity));
+                match mapped {
+                    // Written before the DDL, in the shape the operator accepted.
+                    Some(Ok(m)) => older_shape = Some(m),
+                    Some(Err(e)) => {
+                        return pause(&mut ap, &mut src, &Poison::Shape(format!("{}; {e}", s.why)), last_end, stream).await;
+                    }
+                    // The DDL is crossed: its transaction is not applied.
+                    None => {
+                        return pause(&mut ap, &mut src, &Poison::Shape(s.why.clone()), last_end, stream).await;
+                    }
+                }
+            }
             LogicalMessage::Relation { body, xid } if body.oid == prepared.source_oid => {
                 let Some(why) = shape_changed(&body, &prepared.source_columns) else {
                     if in_stream.is_none() {
@@ -2049,15 +2087,11 @@ async fn run_once(
                             older_shape = Some(m);
                         }
                         Err(e) => {
-                            ap.flush_sync(&stream).await?;
-                            let msg = pause_message(spec, &Poison::Shape(format!("{why}; {e}")), last_end);
-                            return pause(ap.tgt().await?, spec, msg, stream).await;
+                            return pause(&mut ap, &mut src, &Poison::Shape(format!("{why}; {e}")), last_end, stream).await;
                         }
                     },
                     None => {
-                        ap.flush_sync(&stream).await?;
-                        let msg = pause_message(spec, &Poison::Shape(why), last_end);
-                        return pause(ap.tgt().await?, spec, msg, stream).await;
+                        return pause(&mut ap, &mut src, &Poison::Shape(why), last_end, stream).await;
                     }
                 }
             }
@@ -2129,9 +2163,7 @@ async fn run_once(
                     ap.poison_streamed(top, xid.unwrap_or(top), Poison::Truncate).await?;
                     continue;
                 }
-                ap.flush_sync(&stream).await?;
-                let msg = pause_message(spec, &Poison::Truncate, last_end);
-                return pause(ap.tgt().await?, spec, msg, stream).await;
+                return pause(&mut ap, &mut src, &Poison::Truncate, last_end, stream).await;
             }
             LogicalMessage::StreamStart { xid, first_segment } => {
                 tracing::trace!(xid, first_segment, "stream block");
@@ -2158,9 +2190,7 @@ async fn run_once(
                     .commit_streamed(xid, end_lsn, commit_ts, (committed, prepared_at), &stream)
                     .await?
                 {
-                    ap.flush_sync(&stream).await?;
-                    let msg = pause_message(spec, &why, last_end);
-                    return pause(ap.tgt().await?, spec, msg, stream).await;
+                    return pause(&mut ap, &mut src, &why, last_end, stream).await;
                 }
                 last_end = last_end.max(end_lsn);
                 ap.position = ap.position.max(end_lsn);
@@ -2215,6 +2245,11 @@ async fn run_once(
                     continue;
                 };
                 match kind {
+                    "shape" => {
+                        // Everything written before the DDL is applied once this batch is.
+                        let Some(s) = stale.take() else { continue };
+                        return pause(&mut ap, &mut src, &Poison::Shape(s.why), last_end, stream).await;
+                    }
                     "lw" => {
                         tracing::debug!(chunk = id, position = %last_end, "low watermark");
                         tracker.on_low(id)
@@ -2620,12 +2655,56 @@ fn shape_changed(body: &RelationBody, expected: &[catalog::Column]) -> Option<St
     ))
 }
 
+/// The keys queued for a re-read from the source (D7), durable in the target.
+async fn queued_rereads(tgt: &Client, name: &str) -> Result<Vec<KeyValue>, RunError> {
+    Ok(tgt
+        .query(
+            "SELECT key FROM shadowmig.reread WHERE migration = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| pg_err("reading pending re-reads", e))?
+        .iter()
+        .filter_map(|r| {
+            r.try_get::<_, Vec<Option<String>>>(0)
+                .ok()
+                .and_then(|k| unhex_key(&k))
+        })
+        .collect())
+}
+
+/// Pauses the migration where the stream is: the batch and the re-reads still queued are
+/// committed first, so the target holds every change up to here while the operator decides
+/// (a row deleted for a re-read — D7, D30 — would otherwise stay missing until the next run).
+/// The re-reads need no watermarks: the stream stops here, and the next run replays every
+/// change after what is committed over the rows read, in order.
 async fn pause(
-    tgt: &Client,
-    spec: &Spec,
-    msg: String,
+    ap: &mut Applier<'_>,
+    src: &mut Client,
+    why: &Poison,
+    last_end: Lsn,
     stream: crate::replication::LogicalStream,
 ) -> Result<Outcome, RunError> {
+    ap.flush_sync(&stream).await?;
+    let spec = ap.spec;
+    let queued = queued_rereads(ap.tgt().await?, &spec.name).await?;
+    let prepared = ap.prepared_arc.clone();
+    for keys in queued.chunks(1000) {
+        let chunk = prepared
+            .copy_source
+            .read_keys(src, keys)
+            .await
+            .map_err(|e| copy_err("re-reading rows before pausing", e))?;
+        let lsn = ap.batch_lsn.unwrap_or(last_end);
+        for row in chunk.rows {
+            ap.push(lsn, Change::Upsert { new: row })?;
+        }
+        ap.batch_lsn = Some(lsn);
+        ap.rereads_done.extend(keys.iter().cloned());
+        ap.flush_sync(&stream).await?;
+    }
+    let msg = pause_message(spec, why, last_end);
+    let tgt = ap.tgt().await?;
     let _ = state::set_last_error(tgt, &spec.name, Some(&msg)).await;
     let _ = state::set_stage(tgt, &spec.name, "paused").await;
     let _ = stream.send_status_now().await;

@@ -511,6 +511,65 @@ fn source_ddl_mid_run_pauses_with_a_message_and_loses_nothing() {
     assert_eq!(status_json(&spec)["stage"], "source");
 }
 
+/// A DDL while no `run` is reading: the next run applies what was written before it, then
+/// pauses where the stream crosses it: at the first change in the new shape, or, with none,
+/// once everything written before the run started has arrived.
+#[test]
+fn a_ddl_while_stopped_pauses_the_next_run_after_the_changes_before_it() {
+    let (c, db) = testpg::fresh_db("engine_ddl_stopped").unwrap();
+    setup(c, &db, 300);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "ddl_stopped", &c.url(&db), 100);
+    run_to_catch_up(&spec);
+    let status_of = |id: i64| {
+        c.psql(
+            &db,
+            &format!("SELECT status FROM orders_v2 WHERE id = {id}"),
+        )
+        .unwrap()
+    };
+    // Nothing written after the DDL: the pause comes at the marker.
+    c.psql(&db, "UPDATE orders SET status = 'before-add' WHERE id = 1")
+        .unwrap();
+    c.psql(&db, "ALTER TABLE orders ADD COLUMN priority int")
+        .unwrap();
+    let log1 = dir.path().join("run1.log");
+    let mut first = spawn_run(&spec, &log1);
+    wait_paused_on_shape(&mut first, &log1);
+    assert_logged(&log1, "priority");
+    assert_eq!(
+        status_of(1),
+        "before-add",
+        "the change before the DDL is applied"
+    );
+    assert_eq!(status_json(&spec)["stage"], "paused");
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+    // A change after the DDL: the pause comes at its transaction, which is not applied.
+    c.psql(&db, "UPDATE orders SET status = 'before-drop' WHERE id = 3")
+        .unwrap();
+    c.psql(&db, "ALTER TABLE orders DROP COLUMN priority")
+        .unwrap();
+    c.psql(&db, "UPDATE orders SET status = 'after-drop' WHERE id = 4")
+        .unwrap();
+    let log2 = dir.path().join("run2.log");
+    let mut second = spawn_run(&spec, &log2);
+    wait_paused_on_shape(&mut second, &log2);
+    assert_eq!(
+        status_of(3),
+        "before-drop",
+        "the change before the DDL is applied"
+    );
+    assert_ne!(
+        status_of(4),
+        "after-drop",
+        "the change after the DDL waits for the operator"
+    );
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+    assert_eq!(status_json(&spec)["stage"], "source");
+}
+
 /// Waits for `run` to pause on a change of the source's shape (exit 3, the message logged);
 /// on a timeout, kills it and panics with its log.
 fn wait_paused_on_shape(child: &mut std::process::Child, log: &Path) {
