@@ -1713,13 +1713,9 @@ async fn run_once(
         .unwrap_or(1);
     if stale.is_some() {
         // Everything written before the DDL is in the stream before this marker.
-        emit_watermark(
-            &src,
-            MESSAGE_PREFIX,
-            &format!("shape:{}:{epoch}:0", spec.name),
-        )
-        .await
-        .map_err(|e| copy_err("emitting a shape marker", e))?;
+        emit_watermark(&src, MESSAGE_PREFIX, &marker("shape", &spec.name, epoch, 0))
+            .await
+            .map_err(|e| copy_err("emitting a shape marker", e))?;
     }
     let shared = Arc::new(Shared {
         paused: AtomicBool::new(false),
@@ -1988,7 +1984,7 @@ async fn run_once(
                     emit_watermark(
                         &src,
                         MESSAGE_PREFIX,
-                        &format!("sync:{}:{epoch}:{sync_seq}", spec.name),
+                        &marker("sync", &spec.name, epoch, sync_seq),
                     )
                     .await
                     .map_err(|e| copy_err("emitting a sync marker", e))?;
@@ -2624,6 +2620,11 @@ fn key_of(p: &Prepared, t: &TupleData) -> Result<KeyValue, RunError> {
         .collect()
 }
 
+/// The text of a marker `run` emits into the WAL; [`parse_marker`] reads it back.
+fn marker(kind: &str, migration: &str, epoch: u64, id: u64) -> String {
+    format!("{kind}:{migration}:{epoch}:{id}")
+}
+
 fn parse_marker<'a>(text: &'a str, migration: &str, epoch: u64) -> Option<(&'a str, u64)> {
     let mut parts = text.splitn(4, ':');
     let kind = parts.next()?;
@@ -2877,7 +2878,7 @@ async fn read_job(
     chunk_tx: &mpsc::Sender<ReadyChunk>,
 ) -> Result<(), crate::copy::CopyError> {
     let id = job.id();
-    emit_watermark(client, MESSAGE_PREFIX, &format!("lw:{name}:{epoch}:{id}")).await?;
+    emit_watermark(client, MESSAGE_PREFIX, &marker("lw", name, epoch, id)).await?;
     let ready = match (&job, fast) {
         (Job::Range { lo, hi, .. }, Some(fast)) => {
             let t = fast.read_chunk(client, lo.as_ref(), hi.as_ref()).await?;
@@ -2910,7 +2911,7 @@ async fn read_job(
     if chunk_tx.send(ready).await.is_err() {
         return Ok(());
     }
-    emit_watermark(client, MESSAGE_PREFIX, &format!("hw:{name}:{epoch}:{id}")).await?;
+    emit_watermark(client, MESSAGE_PREFIX, &marker("hw", name, epoch, id)).await?;
     Ok(())
 }
 
@@ -2963,6 +2964,10 @@ mod tests {
         assert_eq!(parse_marker("hw:other:7:12", "m", 7), None);
         assert_eq!(parse_marker("garbage", "m", 7), None);
         assert_eq!(parse_marker("hw:m:7:x", "m", 7), None);
+        assert_eq!(
+            parse_marker(&marker("shape", "m_1", 7, 0), "m_1", 7),
+            Some(("shape", 0))
+        );
     }
 
     #[test]
