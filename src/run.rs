@@ -166,6 +166,10 @@ pub enum RunError {
     /// Anything else.
     #[error("{0}")]
     Fatal(String),
+    /// The whole-table copy (D26) found the source table in another shape than prepared;
+    /// `run` pauses on it and it never reaches a caller.
+    #[error("the source table changed shape during the backfill: {0}")]
+    Shape(String),
     /// A source transaction being written in parts was abandoned before its commit (a pause,
     /// shutdown or a failure elsewhere) and rolled back in the target; never reaches a caller.
     #[error("a large source transaction was abandoned before its commit and rolled back")]
@@ -479,6 +483,7 @@ pub async fn prepare(spec: &Spec, src: &Client, tgt: &Client) -> Result<Prepared
             .map(|c| quote_ident(&c.name))
             .collect(),
         key,
+        types: source_columns.iter().map(|c| c.type_oid).collect(),
     };
     let transformed = transformed_source(&copy_source, &apply_target, &target_cols, src, tgt).await;
     Ok(Prepared {
@@ -948,6 +953,9 @@ struct Shared {
     max_lag_bytes: AtomicU64,
     max_apply_lag_ms: AtomicU64,
     apply_lag_ms: AtomicU64,
+    /// Set by the copier when a read found the source table in another shape than prepared
+    /// (a DDL the stream has not reached yet): what changed.
+    shape_changed: std::sync::Mutex<Option<String>>,
 }
 
 /// Runs the migration until stopped, caught up (with the option), paused, or a fatal error.
@@ -1661,8 +1669,18 @@ async fn run_once(
     let deferred = deferred::pending(&tgt, &spec.name).await?;
     if !copy_state.done && (spec.copy.defer_indexes || !deferred.is_empty()) {
         stages.set(RunStage::Backfill);
-        if !deferred::copy_all(spec, &prepared, &tgt, &mut copy_state, shutdown).await? {
-            return Ok(Outcome::Stopped);
+        match deferred::copy_all(spec, &prepared, &tgt, &mut copy_state, shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(Outcome::Stopped),
+            Err(RunError::Shape(why)) => {
+                // Nothing streams during this copy: the chunks so far are committed, and the
+                // operator decides as for a DDL seen in the stream.
+                let msg = pause_message(spec, &Poison::Shape(why), committed.unwrap_or(Lsn::ZERO));
+                let _ = state::set_last_error(&tgt, &spec.name, Some(&msg)).await;
+                let _ = state::set_stage(&tgt, &spec.name, "paused").await;
+                return Ok(Outcome::Paused(msg));
+            }
+            Err(e) => return Err(e),
         }
     }
     if !deferred.is_empty() {
@@ -1724,6 +1742,7 @@ async fn run_once(
         max_lag_bytes: AtomicU64::new(spec.throttle.max_lag_bytes),
         max_apply_lag_ms: AtomicU64::new(spec.throttle.max_apply_lag_ms),
         apply_lag_ms: AtomicU64::new(0),
+        shape_changed: std::sync::Mutex::new(None),
     });
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<ReadyChunk>(64);
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
@@ -1899,6 +1918,19 @@ async fn run_once(
                 ));
             }
             read_controls(&control, &spec.name, &shared).await;
+            let found = shared.shape_changed.lock().ok().and_then(|mut s| s.take());
+            if let (Some(why), None) = (found, stale.as_ref()) {
+                // A DDL the stream has not reached: apply what comes before it, then pause
+                // there, as for one found at a reconnect (D31).
+                tracing::info!("the backfill found the source table changed ({why}): applying the changes before it, then pausing");
+                emit_watermark(&src, MESSAGE_PREFIX, &marker("shape", &spec.name, epoch, 0))
+                    .await
+                    .map_err(|e| copy_err("emitting a shape marker", e))?;
+                stale = Some(StaleShape {
+                    accepted: shape_text(prepared.source_columns.iter().map(|c| (c.name.as_str(), c.type_oid))),
+                    why: format!("the backfill found it changed: {why}"),
+                });
+            }
             let lag = oldest_unapplied
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0);
@@ -2046,6 +2078,8 @@ async fn run_once(
                 let mapped = (shape == s.accepted)
                     .then(|| shape::ShapeMap::new(&body, &prepared.source_columns, &identity));
                 match mapped {
+                    // Written before the DDL, in the shape prepared (a DDL the backfill found).
+                    Some(Ok(_)) if shape_changed(&body, &prepared.source_columns).is_none() => older_shape = None,
                     // Written before the DDL, in the shape the operator accepted.
                     Some(Ok(m)) => older_shape = Some(m),
                     Some(Err(e)) => {
@@ -2691,11 +2725,15 @@ async fn pause(
     let queued = queued_rereads(ap.tgt().await?, &spec.name).await?;
     let prepared = ap.prepared_arc.clone();
     for keys in queued.chunks(1000) {
-        let chunk = prepared
-            .copy_source
-            .read_keys(src, keys)
-            .await
-            .map_err(|e| copy_err("re-reading rows before pausing", e))?;
+        let chunk = match prepared.copy_source.read_keys(src, keys).await {
+            Ok(c) => c,
+            Err(crate::copy::CopyError::ShapeChanged(e)) => {
+                // The next run, prepared for the new shape, re-reads them first.
+                tracing::warn!("{} rows stay queued for a re-read by the next run: the source table changed shape ({e})", queued.len());
+                break;
+            }
+            Err(e) => return Err(copy_err("re-reading rows before pausing", e)),
+        };
         let lsn = ap.batch_lsn.unwrap_or(last_end);
         for row in chunk.rows {
             ap.push(lsn, Change::Upsert { new: row })?;
@@ -2844,6 +2882,7 @@ async fn copier(
         let chunk_tx = chunk_tx.clone();
         let name = spec.name.clone();
         let job_tx = job_tx.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let mut c = client.lock().await;
             if let Err(e) = read_job(
@@ -2858,6 +2897,13 @@ async fn copier(
             )
             .await
             {
+                if let crate::copy::CopyError::ShapeChanged(why) = &e {
+                    // The stream pauses where it reaches the DDL; until then nothing more
+                    // is read in the old shape.
+                    if let Ok(mut s) = shared.shape_changed.lock() {
+                        s.get_or_insert_with(|| why.clone());
+                    }
+                }
                 tracing::warn!("backfill: {e}; retrying the chunk");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = job_tx.send(job);

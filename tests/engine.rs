@@ -61,8 +61,9 @@ fn orders_backfill_alone_matches() {
 
 /// The core property: under a randomized concurrent workload with the engine killed at
 /// random points and restarted, target = transform(source) after catch-up.
-fn crash_run(seed: u64) {
-    let (c, db) = testpg::fresh_db(&format!("engine_crash_{seed}")).unwrap();
+fn crash_run(seed: u64, ddl: bool) {
+    let tag = if ddl { "ddl_" } else { "" };
+    let (c, db) = testpg::fresh_db(&format!("engine_crash_{tag}{seed}")).unwrap();
     // Seeds ≡ 1 (mod 3) hand chunk rows to the stream's apply; the others use the bulk path,
     // on a table big enough (≈ 100 chunks) that most kills land in the middle of the
     // backfill; seeds ≡ 2 (mod 3) defer the target's constraints to the end of the copy, so
@@ -94,11 +95,12 @@ fn crash_run(seed: u64) {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join(format!("crash_{seed}.toml"));
+    let name = format!("crash_{tag}{seed}");
+    let spec = dir.path().join(format!("{name}.toml"));
     std::fs::write(
         &spec,
         common::orders_spec(
-            &format!("crash_{seed}"),
+            &name,
             &c.url(&db),
             &format!("[copy]\nchunk_rows = 300\nworkers = 2\ndefer_indexes = {deferred}\n"),
         ),
@@ -114,6 +116,15 @@ fn crash_run(seed: u64) {
         let mut client = c.client(&url_db).await.unwrap();
         common::orders_workload(&mut client, seed, stop2, u64::MAX).await
     });
+    // With `ddl`, the source table changes shape under the run every second or so: scratch
+    // columns added, retyped and dropped, alone or inside a transaction that writes rows
+    // before and after its DDL (D30, D31). Each shape change pauses the run (exit 3), and
+    // the next run accepts the new shape, as an operator would.
+    let ddl_task = ddl.then(|| {
+        let (url_db, stop3) = (db.clone(), stop.clone());
+        rt.spawn(async move { ddl_workload(&url_db, seed, stop3).await })
+    });
+    let mut pauses = 0;
     let mut rng_state = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -132,7 +143,16 @@ fn crash_run(seed: u64) {
             "shadowmig=debug",
             &[("SHADOWMIG_BULK_COPY", bulk)],
         );
-        std::thread::sleep(Duration::from_millis(300 + next() % 1500));
+        if let Some(st) = wait_exit(&mut child, Duration::from_millis(300 + next() % 1500)) {
+            assert_eq!(
+                st.code(),
+                Some(3),
+                "seed {seed}: run exited on its own, not paused:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            pauses += 1;
+            continue;
+        }
         // SAFETY: killing our own child process.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGKILL);
@@ -143,7 +163,25 @@ fn crash_run(seed: u64) {
     stop.store(true, Ordering::Relaxed);
     let stats = rt.block_on(workload).unwrap();
     assert!(stats.committed > 50, "workload too small: {stats:?}");
+    let ddls = ddl_task.map(|t| rt.block_on(t).unwrap()).unwrap_or(0);
+    assert_eq!(ddl, ddls > 0, "seed {seed}: shape changes made: {ddls}");
+    // The last shape change may still be ahead of the stream: one pause more at most.
+    let out = shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    if out.status.code() == Some(3) {
+        assert!(ddl, "seed {seed}: paused without a DDL");
+        pauses += 1;
+    } else {
+        common::assert_ok(&out);
+    }
     run_to_catch_up(&spec);
+    assert_eq!(
+        ddl,
+        pauses > 0,
+        "seed {seed}: {pauses} pauses on {ddls} shape changes"
+    );
     let check = std::panic::catch_unwind(|| common::assert_orders_equal(c, &db));
     if let Err(e) = check {
         let keep =
@@ -180,12 +218,12 @@ fn crash_run(seed: u64) {
         "seed {seed}: deferred constraints expected: {deferred}"
     );
     if deferred {
-        assert_deferred_built(c, &db, &format!("crash_{seed}"));
+        assert_deferred_built(c, &db, &name);
     }
     // Every stream started after the backfill streams large transactions, unless the
-    // process had fallen back to whole transactions (D29).
+    // process had fallen back to whole transactions (D29) or drains a stale shape (D31).
     assert!(
-        runs.matches("copy_done=true streaming=false").count()
+        ddl || runs.matches("copy_done=true streaming=false").count()
             <= runs
                 .matches("restarting the change stream without streaming")
                 .count(),
@@ -195,7 +233,7 @@ fn crash_run(seed: u64) {
         .matches("applying a streamed source transaction")
         .count();
     eprintln!(
-        "seed {seed} (bulk {bulk}, deferred {deferred}, 64 kB decoding memory {streamed}): {kills} kills, {streamed_txns} streamed transactions, {stats:?}"
+        "seed {seed} (bulk {bulk}, deferred {deferred}, 64 kB decoding memory {streamed}, ddl {ddl}): {kills} kills, {ddls} shape changes, {pauses} pauses, {streamed_txns} streamed transactions, {stats:?}"
     );
     // Free the slot: many seeds share one cluster with a fixed number of slots.
     let out = shadowmig(&["abort", spec.to_str().unwrap()])
@@ -237,8 +275,93 @@ fn assert_deferred_built(c: &TestCluster, db: &str, migration: &str) {
 #[test]
 fn concurrent_workload_with_kill_9_many_seeds() {
     for seed in seeds(1..4) {
-        crash_run(seed);
+        crash_run(seed, false);
     }
+}
+
+#[test]
+fn concurrent_workload_with_source_ddl_and_kill_9() {
+    for seed in seeds(1..3) {
+        crash_run(seed, true);
+    }
+}
+
+/// Changes the shape of `orders` until `stop`, about once a second; the number of changes
+/// made. Scratch columns only (the transform does not read them): added with a default,
+/// retyped, dropped; a third of them inside a transaction that updates rows before and after
+/// the DDL. A DDL that cannot take its lock within 2 s is skipped.
+async fn ddl_workload(db: &str, seed: u64, stop: Arc<AtomicBool>) -> u64 {
+    let c = testpg::shared().unwrap();
+    let client = c.client(db).await.unwrap();
+    client
+        .batch_execute("SET lock_timeout = '2s'")
+        .await
+        .unwrap();
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut columns: Vec<(u64, bool)> = Vec::new(); // (number, retyped to bigint)
+    let (mut made, mut n) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(600 + next() % 900)).await;
+        let ddl = match next() % 3 {
+            0 if !columns.is_empty() => {
+                let (k, _) = columns.remove((next() as usize) % columns.len());
+                format!("ALTER TABLE orders DROP COLUMN \"scratch {k}\"")
+            }
+            1 if columns.iter().any(|(_, r)| !r) => {
+                let i = columns.iter().position(|(_, r)| !r).unwrap_or(0);
+                columns[i].1 = true;
+                format!(
+                    "ALTER TABLE orders ALTER COLUMN \"scratch {}\" TYPE bigint",
+                    columns[i].0
+                )
+            }
+            _ => {
+                n += 1;
+                columns.push((n, false));
+                format!("ALTER TABLE orders ADD COLUMN \"scratch {n}\" int DEFAULT {n}")
+            }
+        };
+        let sql = if next() % 3 == 0 {
+            let (a, b) = (1 + next() % 3000, 1 + next() % 3000);
+            format!(
+                "BEGIN; UPDATE orders SET status = 'before ddl' WHERE id BETWEEN {a} AND {a} + 5; {ddl}; \
+                 UPDATE orders SET status = 'after ddl' WHERE id BETWEEN {b} AND {b} + 5; COMMIT"
+            )
+        } else {
+            ddl
+        };
+        match client.batch_execute(&sql).await {
+            Ok(()) => made += 1,
+            Err(_) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                // Not made: undo the bookkeeping by reading the columns back.
+                let rows = client
+                    .query(
+                        "SELECT attname, atttypid::regtype::text FROM pg_attribute \
+                         WHERE attrelid = 'orders'::regclass AND attnum > 0 AND NOT attisdropped \
+                         AND attname LIKE 'scratch %'",
+                        &[],
+                    )
+                    .await
+                    .unwrap_or_default();
+                columns = rows
+                    .iter()
+                    .filter_map(|r| {
+                        let name: String = r.get(0);
+                        let ty: String = r.get(1);
+                        Some((name.strip_prefix("scratch ")?.parse().ok()?, ty == "bigint"))
+                    })
+                    .collect();
+            }
+        }
+    }
+    made
 }
 
 #[test]

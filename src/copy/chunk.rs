@@ -27,6 +27,8 @@ pub struct CopySource {
     pub columns: Vec<String>,
     /// Positions in `columns` of the key columns, in the key's (index) order.
     pub key: Vec<usize>,
+    /// The type oid of each column in `columns` that a read must find (empty: not checked).
+    pub types: Vec<u32>,
 }
 
 /// A server snapshot as `pg_current_snapshot()` prints it (`xmin:xmax:xip,…`).
@@ -100,22 +102,42 @@ pub enum CopyError {
     /// The source description is unusable.
     #[error("{0}")]
     Spec(String),
+    /// The source table no longer has the columns the copy was prepared for (a DDL since):
+    /// nothing was read.
+    #[error("the source table changed shape: {0}")]
+    ShapeChanged(String),
 }
 
 pub(crate) fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
     move |source| CopyError::Query { context, source }
 }
 
-/// Runs a chunk's query in its transaction, rows streamed as they come.
+/// Runs a chunk's query in its transaction, rows streamed as they come. `types`, when not
+/// empty, are the type oids its leading result columns must have: a column retyped since
+/// would otherwise come back as bytes of another type.
 pub(crate) async fn chunk_rows(
     tx: &tokio_postgres::Transaction<'_>,
     sql: &str,
     params: &[Box<dyn ToSql + Sync + Send>],
+    types: &[u32],
 ) -> Result<tokio_postgres::RowStream, CopyError> {
-    let stmt = tx
-        .prepare(sql)
-        .await
-        .map_err(q("preparing the chunk query"))?;
+    let stmt = tx.prepare(sql).await.map_err(|e| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
+            CopyError::ShapeChanged(crate::spec::scrub_secrets(&e.to_string()))
+        } else {
+            q("preparing the chunk query")(e)
+        }
+    })?;
+    for (col, &want) in stmt.columns().iter().zip(types) {
+        if col.type_().oid() != want {
+            return Err(CopyError::ShapeChanged(format!(
+                "column {} is now of type {} (oid {}), was oid {want}",
+                col.name(),
+                col.type_().name(),
+                col.type_().oid()
+            )));
+        }
+    }
     tx.query_raw(
         &stmt,
         params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
@@ -124,11 +146,17 @@ pub(crate) async fn chunk_rows(
     .map_err(q("reading a chunk"))
 }
 
-/// Starts the read-only REPEATABLE READ transaction one chunk is read in, and returns it
-/// with its snapshot (the watermark logic needs it).
-pub(crate) async fn chunk_transaction(
-    client: &mut Client,
-) -> Result<(tokio_postgres::Transaction<'_>, Snapshot), CopyError> {
+/// Starts the read-only REPEATABLE READ transaction one chunk of `table` is read in, and
+/// returns it with its snapshot (the watermark logic needs it).
+///
+/// The table is locked (`ACCESS SHARE`, what the read takes anyway) before the snapshot is:
+/// a DDL that rewrites the table and commits between the snapshot and the read would
+/// otherwise show the read an empty table (a rewrite is not MVCC-safe), and the chunk would
+/// be recorded as copied with none of its rows.
+pub(crate) async fn chunk_transaction<'a>(
+    client: &'a mut Client,
+    table: &str,
+) -> Result<(tokio_postgres::Transaction<'a>, Snapshot), CopyError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -136,6 +164,10 @@ pub(crate) async fn chunk_transaction(
         .start()
         .await
         .map_err(q("starting the chunk transaction"))?;
+    // LOCK does not fix a REPEATABLE READ snapshot; the query below does.
+    tx.batch_execute(&format!("LOCK TABLE {table} IN ACCESS SHARE MODE"))
+        .await
+        .map_err(q("locking the source table for a chunk"))?;
     let snap: String = tx
         .query_one("SELECT pg_current_snapshot()::text", &[])
         .await
@@ -291,8 +323,8 @@ impl CopySource {
         sql: &str,
         params: Vec<Box<dyn ToSql + Sync + Send>>,
     ) -> Result<Chunk, CopyError> {
-        let (tx, snapshot) = chunk_transaction(client).await?;
-        let stream = chunk_rows(&tx, sql, &params).await?;
+        let (tx, snapshot) = chunk_transaction(client, &self.table_sql).await?;
+        let stream = chunk_rows(&tx, sql, &params, &self.types).await?;
         pin_mut!(stream);
         let ncols = self.columns.len();
         let mut rows = Vec::new();
@@ -456,6 +488,7 @@ mod tests {
             table_sql: "\"s\".\"t\"".into(),
             columns: vec!["\"a\"".into(), "\"b\"".into(), "\"c\"".into()],
             key: vec![2, 0],
+            types: Vec::new(),
         };
         assert_eq!(
             src.chunk_sql(true, true, true),

@@ -101,13 +101,13 @@ impl TransformedSource {
         for k in [after, upto].into_iter().flatten() {
             src.push_key(&mut params, k)?;
         }
-        let (tx, snapshot) = chunk_transaction(client).await?;
+        let (tx, snapshot) = chunk_transaction(client, &self.source.table_sql).await?;
         for (name, value) in &self.settings {
             tx.execute("SELECT set_config($1, $2, true)", &[name, value])
                 .await
                 .map_err(q("applying the target's session settings"))?;
         }
-        let stream = chunk_rows(&tx, &sql, &params).await?;
+        let stream = chunk_rows(&tx, &sql, &params, &[]).await?;
         pin_mut!(stream);
         let ncols = self.select.len();
         let nkey = src.key.len();

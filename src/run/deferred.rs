@@ -278,6 +278,7 @@ fn copy_error(what: &str, e: CopyError) -> RunError {
                 catalog::db_message(&source)
             ))
         }
+        CopyError::ShapeChanged(why) => RunError::Shape(why),
         other => RunError::Fatal(format!("{what}: {other}")),
     }
 }
