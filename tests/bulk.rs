@@ -82,6 +82,7 @@ fn reader() -> TransformedSource {
                 "ts".into(),
             ],
             key: vec![0],
+            types: Vec::new(),
         },
         select: vec![
             r#"CAST(("Cust Id") AS integer)"#.into(),

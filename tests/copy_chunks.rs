@@ -45,6 +45,7 @@ fn source() -> CopySource {
         .map(|s| s.to_string())
         .collect(),
         key: vec![0, 1],
+        types: Vec::new(),
     }
 }
 
@@ -162,6 +163,7 @@ async fn an_empty_table_and_a_keyless_source_are_handled() {
         table_sql: "\"e\"".into(),
         columns: vec!["\"id\"".into()],
         key: vec![0],
+        types: Vec::new(),
     };
     let chunk = src
         .read_chunk(&mut client, None, None, Some(5))
@@ -220,4 +222,49 @@ async fn read_keys_returns_the_current_rows_of_existing_keys_only() {
         .is_empty());
     let too_many = vec![keys[0].clone(); 1001];
     assert!(src.read_keys(&mut client, &too_many).await.is_err());
+}
+
+/// A column retyped or dropped since the copy was prepared: the read says so and returns no
+/// rows (bytes of the new type would be written as the old one).
+#[tokio::test]
+async fn a_read_after_a_ddl_reports_the_changed_shape() {
+    let (c, db) = testpg::fresh_db("copy_shape").unwrap();
+    c.psql(
+        &db,
+        "CREATE TABLE \"T ☺\" (id int PRIMARY KEY, \"Val\" int, gone text); INSERT INTO \"T ☺\" VALUES (1, 2, 'x')",
+    )
+    .unwrap();
+    let mut client = c.client(&db).await.unwrap();
+    let src = CopySource {
+        table_sql: "\"T ☺\"".into(),
+        columns: vec!["\"id\"".into(), "\"Val\"".into(), "\"gone\"".into()],
+        key: vec![0],
+        types: vec![23, 23, 25],
+    };
+    let chunk = src.read_chunk(&mut client, None, None, None).await.unwrap();
+    assert_eq!(chunk.rows.len(), 1);
+    c.psql(&db, "ALTER TABLE \"T ☺\" ALTER COLUMN \"Val\" TYPE bigint")
+        .unwrap();
+    let err = src
+        .read_chunk(&mut client, None, None, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, shadowmig::copy::CopyError::ShapeChanged(_))
+            && err.to_string().contains("Val"),
+        "{err}"
+    );
+    c.psql(&db, "ALTER TABLE \"T ☺\" DROP COLUMN gone").unwrap();
+    let err = src
+        .read_keys(
+            &mut client,
+            &[vec![bytes::Bytes::from_static(&[0, 0, 0, 1])]],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, shadowmig::copy::CopyError::ShapeChanged(_))
+            && err.to_string().contains("gone"),
+        "{err}"
+    );
 }
