@@ -254,6 +254,9 @@ async fn a_read_after_a_ddl_reports_the_changed_shape() {
             && err.to_string().contains("Val"),
         "{err}"
     );
+    // The failed read's transaction is rolled back when the client next talks to the server
+    // (psql below blocks this single-threaded runtime).
+    client.simple_query("SELECT 1").await.unwrap();
     c.psql(&db, "ALTER TABLE \"T ☺\" DROP COLUMN gone").unwrap();
     let err = src
         .read_keys(

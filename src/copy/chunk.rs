@@ -123,7 +123,7 @@ pub(crate) async fn chunk_rows(
 ) -> Result<tokio_postgres::RowStream, CopyError> {
     let stmt = tx.prepare(sql).await.map_err(|e| {
         if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
-            CopyError::ShapeChanged(crate::spec::scrub_secrets(&e.to_string()))
+            CopyError::ShapeChanged(crate::catalog::db_message(&e))
         } else {
             q("preparing the chunk query")(e)
         }
