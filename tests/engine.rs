@@ -205,7 +205,11 @@ fn crash_run(seed: u64, ddl: bool) {
         }
         std::panic::resume_unwind(e);
     }
-    assert!(kills >= 3);
+    // With DDL, many runs end in a pause before their kill comes: they interrupt runs too.
+    assert!(
+        kills >= 3 || (ddl && kills + pauses >= 3),
+        "seed {seed}: only {kills} kills and {pauses} pauses"
+    );
     let runs = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         runs.contains("bulk path"),
