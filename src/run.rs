@@ -2962,7 +2962,10 @@ async fn read_job(
 }
 
 /// Why the backfill should wait now, if it should: paused by the operator, the slot holding
-/// too much WAL, apply lagging, or physical standbys lagging.
+/// too much WAL, apply lagging, or physical standbys lagging. `pg_stat_replication` lists
+/// logical walsenders too — this run's own, other migrations', a stalled CDC consumer's —
+/// whose "replay" is only what their client confirmed: they are left out, or a stopped
+/// consumer elsewhere would hold the backfill forever and this run's own lag would throttle it.
 async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<String> {
     if shared.paused.load(Ordering::Relaxed) {
         return Some("paused by the operator (shadowmig resume SPEC to go on)".into());
@@ -2975,7 +2978,9 @@ async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<S
     let row = src
         .query_opt(
             "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, \
-                    (SELECT max(pg_current_wal_lsn() - replay_lsn)::int8 FROM pg_stat_replication WHERE replay_lsn IS NOT NULL) \
+                    (SELECT max(pg_current_wal_lsn() - r.replay_lsn)::int8 FROM pg_stat_replication r \
+                      WHERE r.replay_lsn IS NOT NULL AND NOT EXISTS (SELECT FROM pg_replication_slots l \
+                        WHERE l.slot_type = 'logical' AND l.active_pid = r.pid)) \
              FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
             &[&spec.slot_name()],
         )

@@ -86,6 +86,57 @@ const SUPERUSER: &str = "postgres";
 const DIR_PREFIX: &str = "shadowmig-pg-";
 
 impl TestCluster {
+    /// Starts a physical streaming standby of this cluster: `pg_basebackup -R -X stream` into
+    /// a directory of its own, on another free port (hot standby, so it can be queried and
+    /// its replay paused). It is stopped and removed on drop like any [`TestCluster`].
+    pub fn start_standby(&self) -> Result<TestCluster, HarnessError> {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
+            .tempdir()?
+            .keep();
+        if is_root() {
+            let (uid, gid) = postgres_user()?;
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))?;
+        }
+        let mut standby = TestCluster {
+            root,
+            bindir: self.bindir.clone(),
+            port: 0,
+            pid: Mutex::new(None),
+        };
+        let data = standby.data_dir().to_string_lossy().into_owned();
+        let port = self.port.to_string();
+        standby.run_server_program(
+            "pg_basebackup",
+            &[
+                "-D",
+                &data,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                SUPERUSER,
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+        )?;
+        // The copied configuration names the primary's socket directory; a standby keeps its own.
+        // It reports its replay position every second, so a test sees lag come and go quickly.
+        standby.append_as_owner(
+            &standby.data_dir().join("postgresql.conf"),
+            &format!(
+                "unix_socket_directories = '{}'\nhot_standby = on\nwal_receiver_status_interval = 1\n",
+                standby.root.to_string_lossy().replace('\'', "''")
+            ),
+        )?;
+        standby.start_on_free_port()?;
+        Ok(standby)
+    }
+
     /// Creates and starts a cluster with the given configuration.
     pub fn start(config: &ClusterConfig) -> Result<TestCluster, HarnessError> {
         let bindir = find_bindir()?;
@@ -109,14 +160,19 @@ impl TestCluster {
             pid: Mutex::new(None),
         };
         cluster.init(config)?;
+        cluster.start_on_free_port()?;
+        Ok(cluster)
+    }
+
+    fn start_on_free_port(&mut self) -> Result<(), HarnessError> {
         let mut last_err = None;
         for _ in 0..5 {
-            cluster.port = free_port()?;
-            cluster.write_port_conf()?;
-            match cluster.pg_ctl(&["start", "-w", "-t", "60"]) {
+            self.port = free_port()?;
+            self.write_port_conf()?;
+            match self.pg_ctl(&["start", "-w", "-t", "60"]) {
                 Ok(()) => {
-                    cluster.read_pid()?;
-                    return Ok(cluster);
+                    self.read_pid()?;
+                    return Ok(());
                 }
                 // Another process may have taken the port between probe and start: retry.
                 Err(e) => last_err = Some(e),

@@ -1774,3 +1774,149 @@ fn spawn_caught_up(
 fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {
     common::spawn_run(spec, log, "shadowmig=debug")
 }
+
+/// Polls `cond` every 100 ms for up to `secs` seconds; panics with `what` when it stays false.
+fn poll_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `[throttle] max_replica_lag_bytes`: a physical standby whose replay is paused holds the
+/// backfill back, with a message that names it, until its replay resumes. A logical consumer
+/// that stopped reading (its walsender still listed in `pg_stat_replication`, its confirmed
+/// position far behind) is not a standby and holds nothing back: the backfill finishes while
+/// it is still stopped.
+#[test]
+fn a_lagging_standby_throttles_the_backfill_and_a_stalled_logical_consumer_does_not() {
+    // The stopped bystander's walsender must not time out and leave during the test.
+    let c =
+        TestCluster::start(&testpg::ClusterConfig::default().setting("wal_sender_timeout", "0"))
+            .unwrap();
+    let db = c.create_database("engine_standby").unwrap();
+    setup(&c, &db, 20_000);
+    let standby = c.start_standby().unwrap();
+    let lag_of = |app: &str| -> i64 {
+        c.psql(
+            "postgres",
+            &format!(
+                "SELECT coalesce(max(pg_current_wal_lsn() - replay_lsn), -1)::int8 \
+                 FROM pg_stat_replication WHERE application_name = '{app}'"
+            ),
+        )
+        .unwrap()
+        .parse()
+        .unwrap()
+    };
+    poll_until(30, "the standby to stream", || lag_of("walreceiver") >= 0);
+
+    // A bystander logical consumer — another migration of the same table, which confirms what
+    // it applied as its replay position — catches up, then is stopped dead (SIGSTOP).
+    let dir = tempfile::tempdir().unwrap();
+    let by_spec = dir.path().join("bystander.toml");
+    std::fs::write(
+        &by_spec,
+        common::orders_spec("bystander", &c.url(&db), "").replace("orders_v2", "orders_by"),
+    )
+    .unwrap();
+    let bystander = KillOnDrop(spawn_run(&by_spec, &dir.path().join("bystander.log")));
+    poll_until(120, "the bystander to catch up", || {
+        c.psql(
+            &db,
+            "SELECT count(*) FROM shadowmig.migrations WHERE name = 'bystander' AND caught_up_at IS NOT NULL",
+        )
+        .unwrap_or_default()
+            == "1"
+            && lag_of("shadowmig") >= 0
+    });
+    // SAFETY: stopping our own child process.
+    unsafe {
+        libc::kill(bystander.0.id() as i32, libc::SIGSTOP);
+    }
+
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_pause()")
+        .unwrap();
+    poll_until(30, "the standby's replay to pause", || {
+        standby
+            .psql("postgres", "SELECT pg_get_wal_replay_pause_state()")
+            .unwrap()
+            == "paused"
+    });
+    c.psql(
+        &db,
+        "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",
+    )
+    .unwrap();
+    const LIMIT: i64 = 1 << 20;
+    poll_until(30, "the standby's lag to pass the limit", || {
+        lag_of("walreceiver") > LIMIT
+    });
+    assert!(lag_of("shadowmig") > LIMIT, "the bystander lags too");
+
+    let spec = dir.path().join("standby_mig.toml");
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            "standby_mig",
+            &c.url(&db),
+            &format!("[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_replica_lag_bytes = {LIMIT}\n"),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    poll_until(60, "the backfill to be throttled", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("backfill throttled: a standby's replay lags")
+    });
+    let a = status_json(&spec);
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = status_json(&spec);
+    assert_eq!(b["copy"]["done"], false, "{b}");
+    assert_eq!(
+        a["copy"]["rows_copied"], b["copy"]["rows_copied"],
+        "a throttled backfill must not copy"
+    );
+
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_resume()")
+        .unwrap();
+    assert!(
+        wait_equal(&c, &db, Duration::from_secs(90)),
+        "the backfill did not finish after the standby caught up:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_logged(&log, "backfill resumed");
+    assert_eq!(
+        c.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+                 WHERE s.slot_name = 'shadowmig_bystander' AND pg_current_wal_lsn() - r.replay_lsn > {LIMIT}"
+            )
+        )
+        .unwrap(),
+        "1",
+        "the bystander stayed stopped and behind throughout"
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    drop(bystander);
+    for s in [&spec, &by_spec] {
+        let out = shadowmig(&["abort", s.to_str().unwrap()]).output().unwrap();
+        common::assert_ok(&out);
+    }
+}
+
+/// A child process killed (SIGKILL works on a stopped one too) when the test ends or panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
