@@ -956,6 +956,9 @@ struct Shared {
     /// Set by the copier when a read found the source table in another shape than prepared
     /// (a DDL the stream has not reached yet): what changed.
     shape_changed: std::sync::Mutex<Option<String>>,
+    /// Set by the copier when it stops for good (it cannot reach the source): why. The loop
+    /// then restarts the run, with backoff, instead of waiting for chunks that never come.
+    copier_failed: std::sync::Mutex<Option<String>>,
 }
 
 /// Runs the migration until stopped, caught up (with the option), paused, or a fatal error.
@@ -1007,6 +1010,7 @@ async fn run_stages(
     // The session holding the migration's writer lock, for the life of the process.
     let mut lock: Option<Client> = None;
     loop {
+        let began = Instant::now();
         match run_once(spec, opts, shutdown, stages, streaming_from, &mut lock).await {
             Ok(outcome) => return Ok(outcome),
             Err(RunError::Restart { why, streaming: s }) => {
@@ -1023,6 +1027,11 @@ async fn run_stages(
             Err(e) if e.retryable() => {
                 if *shutdown.borrow() {
                     return Ok(Outcome::Stopped);
+                }
+                // A run that went well for a minute before this failure starts over at the
+                // shortest wait: backoff is for failures in a row, not for the process's life.
+                if began.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
                 }
                 tracing::warn!(
                     "{e}; reconnecting in {:?} and resuming from the last committed batch",
@@ -1743,6 +1752,7 @@ async fn run_once(
         max_apply_lag_ms: AtomicU64::new(spec.throttle.max_apply_lag_ms),
         apply_lag_ms: AtomicU64::new(0),
         shape_changed: std::sync::Mutex::new(None),
+        copier_failed: std::sync::Mutex::new(None),
     });
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<ReadyChunk>(64);
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
@@ -1987,7 +1997,10 @@ async fn run_once(
                 biased;
                 _ = shutdown.changed() => continue,
                 c = chunk_rx.recv() => {
-                    if let Some(c) = c { ready.insert(c.job.id(), c); }
+                    match c {
+                        Some(c) => { ready.insert(c.job.id(), c); }
+                        None => return Err(copier_stopped(&shared)),
+                    }
                     continue;
                 }
                 e = tokio::time::timeout(opts.batch_idle, stream.next()) => e,
@@ -2291,9 +2304,7 @@ async fn run_once(
                                 Some(c) => {
                                     ready.insert(c.job.id(), c);
                                 }
-                                None => {
-                                    return Err(RunError::Connection("the backfill stopped".into()))
-                                }
+                                None => return Err(copier_stopped(&shared)),
                             }
                         }
                         let Some(chunk) = ready.remove(&id) else {
@@ -2780,6 +2791,12 @@ async fn read_controls(c: &Client, name: &str, shared: &Shared) {
     );
 }
 
+/// The error the loop returns when the copier has stopped (its chunk channel closed).
+fn copier_stopped(shared: &Shared) -> RunError {
+    let why = shared.copier_failed.lock().ok().and_then(|mut f| f.take());
+    RunError::Connection(why.unwrap_or_else(|| "the backfill stopped".into()))
+}
+
 /// The backfill: plans key ranges in order and reads them with `workers` connections, each
 /// chunk between a low and a high watermark; also serves re-reads of single keys.
 #[allow(clippy::too_many_arguments)]
@@ -2798,12 +2815,16 @@ async fn copier(
     // Sized for the most workers an operator may ask for; `shared.workers` caps how many
     // chunks are read at once, and connections are opened as they are first needed.
     let permits = Arc::new(Semaphore::new(MAX_WORKERS));
-    let planner_client = match catalog::connect_as(&spec.source.url, "copy").await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("backfill: cannot connect to the source: {e}");
-            return;
+    // Giving up ends the task, which closes the chunk channel: the loop then restarts the run.
+    let give_up = |e: &dyn std::fmt::Display| {
+        let why = format!("the backfill cannot reach the source: {e}");
+        if let Ok(mut f) = shared.copier_failed.lock() {
+            f.get_or_insert(why);
         }
+    };
+    let mut planner_client = match catalog::connect_as(&spec.source.url, "copy").await {
+        Ok(c) => c,
+        Err(e) => return give_up(&e),
     };
     let mut lo = frontier;
     let mut planned_all = done;
@@ -2812,6 +2833,15 @@ async fn copier(
     let mut rr = 0usize;
     let mut throttled = false;
     loop {
+        // A session ended on its own (terminated by an administrator, an idle timeout) while
+        // the run's other connections stayed up: open another.
+        if planner_client.is_closed() {
+            tracing::warn!("backfill: the planning session to the source was closed; reconnecting");
+            planner_client = match catalog::connect_as(&spec.source.url, "copy").await {
+                Ok(c) => c,
+                Err(e) => return give_up(&e),
+            };
+        }
         // Re-reads and retries first: they hold up nothing else but are small.
         let job = match jobs.try_recv() {
             Ok(j) => Some(j),
@@ -2869,10 +2899,7 @@ async fn copier(
         while worker_clients.len() < workers {
             match catalog::connect_as(&spec.source.url, "copy").await {
                 Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
-                Err(e) => {
-                    tracing::error!("backfill: cannot connect to the source: {e}");
-                    return;
-                }
+                Err(e) => return give_up(&e),
             }
         }
         let client = worker_clients[rr % workers].clone();
@@ -2883,6 +2910,7 @@ async fn copier(
         let name = spec.name.clone();
         let job_tx = job_tx.clone();
         let shared = shared.clone();
+        let spec_url = spec.source.url.clone();
         tokio::spawn(async move {
             let mut c = client.lock().await;
             if let Err(e) = read_job(
@@ -2906,6 +2934,15 @@ async fn copier(
                 }
                 tracing::warn!("backfill: {e}; retrying the chunk");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                if c.is_closed() {
+                    // Its session is gone: the retry (and every later chunk of this worker)
+                    // reads on a new one. When none can be had, the planner's next connect
+                    // fails too and the run restarts.
+                    match catalog::connect_as(&spec_url, "copy").await {
+                        Ok(n) => *c = n,
+                        Err(e) => tracing::warn!("backfill: cannot reconnect a worker: {e}"),
+                    }
+                }
                 let _ = job_tx.send(job);
             }
         });

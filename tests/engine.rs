@@ -1199,6 +1199,63 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
     }
 }
 
+/// The backfill's own sessions on the source (its planner and readers) terminated by an
+/// administrator while the run's other connections stay up: the backfill opens new ones and
+/// finishes, nothing lost, the process never exits. (Before, it retried on the dead sessions
+/// forever.)
+#[test]
+fn terminated_backfill_sessions_are_reopened_and_the_backfill_finishes() {
+    let (c, db) = testpg::fresh_db("engine_copy_terminated").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "copy_terminated", &c.url(&db), 500);
+    let log = dir.path().join("run.log");
+    let mut child = KillOnDrop(spawn_run(&spec, &log));
+    wait_backfill_started(&spec);
+    let out = shadowmig(&["pause", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+    let copying = format!(
+        "FROM pg_stat_activity WHERE datname = '{db}' AND application_name = 'shadowmig copy'"
+    );
+    let killed: i64 = c
+        .psql(
+            &db,
+            &format!("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) {copying}"),
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        killed >= 2,
+        "the backfill's sessions were there to end: {killed}"
+    );
+    let out = shadowmig(&["resume", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(90)),
+        "the backfill did not finish after its sessions were terminated:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the run exited:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    assert_logged(
+        &log,
+        "the planning session to the source was closed; reconnecting",
+    );
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+}
+
 /// `[copy] defer_indexes`: the key is dropped while the history is copied (plan still passes
 /// and says why), changes made meanwhile are applied after the constraints are built, and
 /// rows the copy left twice (as a killed run's chunk writer can) are removed before the build.
