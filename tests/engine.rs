@@ -1199,6 +1199,61 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
     }
 }
 
+/// `[throttle] max_lag_bytes`: while the slot holds more WAL than the limit the backfill
+/// waits, saying why, and copies nothing; `shadowmig throttle --max-lag-bytes` raises the
+/// limit on the running process and the backfill finishes.
+#[test]
+fn the_slot_wal_limit_holds_the_backfill_until_raised() {
+    let (c, db) = testpg::fresh_db("engine_slot_limit").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("slot_limit.toml");
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            "slot_limit",
+            &c.url(&db),
+            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_lag_bytes = 1\n",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = KillOnDrop(spawn_run(&spec, &log));
+    poll_until(60, "the backfill to be throttled", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("backfill throttled: the slot holds")
+    });
+    let a = status_json(&spec);
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = status_json(&spec);
+    assert_eq!(b["copy"]["done"], false, "{b}");
+    assert_eq!(
+        a["copy"]["rows_copied"], b["copy"]["rows_copied"],
+        "a throttled backfill must not copy"
+    );
+    let out = shadowmig(&[
+        "throttle",
+        spec.to_str().unwrap(),
+        "--max-lag-bytes",
+        "100000000000",
+    ])
+    .output()
+    .unwrap();
+    common::assert_ok(&out);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(90)),
+        "the backfill did not finish after the limit was raised:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_logged(&log, "backfill resumed");
+    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+}
+
 /// The backfill's own sessions on the source (its planner and readers) terminated by an
 /// administrator while the run's other connections stay up: the backfill opens new ones and
 /// finishes, nothing lost, the process never exits. (Before, it retried on the dead sessions
