@@ -240,10 +240,7 @@ fn crash_run(seed: u64, ddl: bool) {
         "seed {seed} (bulk {bulk}, deferred {deferred}, 64 kB decoding memory {streamed}, ddl {ddl}): {kills} kills, {ddls} shape changes, {pauses} pauses, {streamed_txns} streamed transactions, {stats:?}"
     );
     // Free the slot: many seeds share one cluster with a fixed number of slots.
-    let out = shadowmig(&["abort", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    common::assert_ok(&out);
+    abort_ok(&spec);
 }
 
 /// Seeds to run: `SHADOWMIG_CRASH_SEEDS=a..b` soaks many (e.g. `1..200`); CI runs a few.
@@ -1224,14 +1221,7 @@ fn the_slot_wal_limit_holds_the_backfill_until_raised() {
             .unwrap_or_default()
             .contains("backfill throttled: the slot holds")
     });
-    let a = status_json(&spec);
-    std::thread::sleep(Duration::from_millis(1500));
-    let b = status_json(&spec);
-    assert_eq!(b["copy"]["done"], false, "{b}");
-    assert_eq!(
-        a["copy"]["rows_copied"], b["copy"]["rows_copied"],
-        "a throttled backfill must not copy"
-    );
+    assert_copy_held(&spec);
     let out = shadowmig(&[
         "throttle",
         spec.to_str().unwrap(),
@@ -1248,10 +1238,7 @@ fn the_slot_wal_limit_holds_the_backfill_until_raised() {
     );
     assert_logged(&log, "backfill resumed");
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
-    let out = shadowmig(&["abort", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    common::assert_ok(&out);
+    abort_ok(&spec);
 }
 
 /// The backfill's own sessions on the source (its planner and readers) terminated by an
@@ -1305,10 +1292,7 @@ fn terminated_backfill_sessions_are_reopened_and_the_backfill_finishes() {
         &log,
         "the planning session to the source was closed; reconnecting",
     );
-    let out = shadowmig(&["abort", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    common::assert_ok(&out);
+    abort_ok(&spec);
 }
 
 /// `[copy] defer_indexes`: the key is dropped while the history is copied (plan still passes
@@ -1985,14 +1969,7 @@ fn a_lagging_standby_throttles_the_backfill_and_a_stalled_logical_consumer_does_
             .unwrap_or_default()
             .contains("backfill throttled: a standby's replay lags")
     });
-    let a = status_json(&spec);
-    std::thread::sleep(Duration::from_millis(1500));
-    let b = status_json(&spec);
-    assert_eq!(b["copy"]["done"], false, "{b}");
-    assert_eq!(
-        a["copy"]["rows_copied"], b["copy"]["rows_copied"],
-        "a throttled backfill must not copy"
-    );
+    assert_copy_held(&spec);
 
     standby
         .psql("postgres", "SELECT pg_wal_replay_resume()")
@@ -2017,10 +1994,28 @@ fn a_lagging_standby_throttles_the_backfill_and_a_stalled_logical_consumer_does_
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
     drop(bystander);
-    for s in [&spec, &by_spec] {
-        let out = shadowmig(&["abort", s.to_str().unwrap()]).output().unwrap();
-        common::assert_ok(&out);
-    }
+    abort_ok(&spec);
+    abort_ok(&by_spec);
+}
+
+/// Asserts that the backfill is not done and copies nothing over 1.5 s (it is held back).
+fn assert_copy_held(spec: &Path) {
+    let a = status_json(spec);
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = status_json(spec);
+    assert_eq!(b["copy"]["done"], false, "{b}");
+    assert_eq!(
+        a["copy"]["rows_copied"], b["copy"]["rows_copied"],
+        "a held backfill must not copy"
+    );
+}
+
+/// `shadowmig abort SPEC`, which must succeed.
+fn abort_ok(spec: &Path) {
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
 }
 
 /// A child process killed (SIGKILL works on a stopped one too) when the test ends or panics.
