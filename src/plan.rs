@@ -464,7 +464,7 @@ pub async fn plan(spec: &Spec) -> Result<Plan, PlanError> {
                         "replica identity {} gives no old key: once the table is published, every UPDATE and DELETE on it fails with \"cannot update table … because it does not have a replica identity\"",
                         if src_identity == ReplicaIdentity::Nothing { "NOTHING" } else { "DEFAULT without a primary key" }
                     ),
-                    format!("add a primary key (ALTER TABLE {src_table} ADD PRIMARY KEY USING INDEX <a unique index on NOT NULL columns>), or ALTER TABLE {src_table} REPLICA IDENTITY USING INDEX <unique index>;"),
+                    no_identity_fix(spec, &src_identity, src_pk.as_deref(), &src_unique),
                 ),
                 (_, _, None) => ck.fail(
                     SOURCE_KEY,
@@ -1204,6 +1204,55 @@ fn identity_check(
             index_fix.replace('\n', "\n  ")
         ),
     );
+}
+
+/// The fix for a source table whose replica identity gives no old key (NOTHING, or DEFAULT
+/// without a primary key), from what the table has: its primary key, an existing unique
+/// index that can serve, or neither.
+fn no_identity_fix(
+    spec: &Spec,
+    identity: &ReplicaIdentity,
+    pk: Option<&[String]>,
+    unique: &[catalog::UniqueIndex],
+) -> String {
+    let table = &spec.source.table;
+    let lock_note = format!(
+        "(ALTER TABLE … REPLICA IDENTITY / ADD PRIMARY KEY USING INDEX take an ACCESS EXCLUSIVE lock for an instant, no rewrite: run them with SET lock_timeout = '{}ms')",
+        spec.throttle.lock_timeout_ms
+    );
+    if let Some(pk) = pk {
+        // Only NOTHING gets here with a primary key: DEFAULT would use it.
+        return format!(
+            "ALTER TABLE {table} REPLICA IDENTITY DEFAULT;  (the primary key ({}) becomes the identity)\n{lock_note}",
+            pk.join(", ")
+        );
+    }
+    match unique.iter().find(|i| i.usable_as_key()) {
+        Some(i) => {
+            let idx = quote_ident(&i.name);
+            let mut s = format!(
+                "ALTER TABLE {table} REPLICA IDENTITY USING INDEX {idx};  (the existing unique index on ({}))",
+                i.columns.join(", ")
+            );
+            // A primary key added under NOTHING would not change the identity.
+            if *identity == ReplicaIdentity::Default {
+                let _ = write!(
+                    s,
+                    "\nor make that index the primary key, which DEFAULT identity uses: ALTER TABLE {table} ADD PRIMARY KEY USING INDEX {idx};"
+                );
+            }
+            let _ = write!(s, "\n{lock_note}");
+            s
+        }
+        None => {
+            let idx = quote_ident(&format!("shadowmig_{}_key", spec.name));
+            format!(
+                "the table has no unique index on NOT NULL columns either: create one over the columns that identify a row, then make it the identity:\n\
+                 CREATE UNIQUE INDEX CONCURRENTLY {idx} ON {table} (<NOT NULL columns>);\n\
+                 ALTER TABLE {table} REPLICA IDENTITY USING INDEX {idx};\n{lock_note}"
+            )
+        }
+    }
 }
 
 fn fk_check(

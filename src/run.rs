@@ -952,13 +952,33 @@ struct Shared {
     chunk_rows: AtomicU64,
     max_lag_bytes: AtomicU64,
     max_apply_lag_ms: AtomicU64,
-    apply_lag_ms: AtomicU64,
+    /// When the oldest change received but not yet committed in the target arrived (`None`
+    /// when everything received has committed). An instant, not a figure the loop computes:
+    /// a loop waiting on a writer stuck behind a lock cannot refresh a figure, and the
+    /// throttle must see that lag grow (D35).
+    unapplied_since: std::sync::Mutex<Option<Instant>>,
+    /// The change stream, for how long its oldest message not yet taken by the loop has
+    /// waited (the loop takes none while it waits on a writer).
+    stream: crate::replication::ConfirmHandle,
     /// Set by the copier when a read found the source table in another shape than prepared
     /// (a DDL the stream has not reached yet): what changed.
     shape_changed: std::sync::Mutex<Option<String>>,
     /// Set by the copier when it stops for good (it cannot reach the source): why. The loop
     /// then restarts the run, with backoff, instead of waiting for chunks that never come.
     copier_failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// How long the oldest change received and not yet committed in the target has waited,
+    /// in ms: one in a batch being written or built, or still queued in the stream.
+    fn apply_lag_ms(&self) -> u64 {
+        let unapplied = self.unapplied_since.lock().ok().and_then(|s| *s);
+        [unapplied, self.stream.unread_since()]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(0, |t| t.elapsed().as_millis() as u64)
+    }
 }
 
 /// Runs the migration until stopped, caught up (with the option), paused, or a fatal error.
@@ -1059,6 +1079,10 @@ struct Applier<'a> {
     /// The batch being written on its own task while the loop reads and coalesces the next
     /// (at most one: batches commit in stream order).
     inflight: Option<tokio::task::JoinHandle<FlushDone>>,
+    /// When the oldest change of the batch in flight arrived; cleared once it has committed.
+    inflight_since: Option<Instant>,
+    /// Where the apply lag is published for the throttle.
+    shared: Arc<Shared>,
     /// The source transaction too large for a batch that is being written as it arrives.
     large: Option<LargeTxn>,
     /// The transaction being streamed before its commit (protocol 2), written on the spare
@@ -1173,6 +1197,7 @@ impl Applier<'_> {
         };
         self.batch_lsn = None;
         self.batch_started = None;
+        self.inflight_since = Some(job.oldest.map_or_else(Instant::now, |(_, r)| r));
         self.applied += n as u64;
         self.inflight = Some(tokio::spawn(async move {
             let result = write_flush(&mut tgt, &mut writer, job).await;
@@ -1182,10 +1207,25 @@ impl Applier<'_> {
                 result,
             }
         }));
+        self.publish_lag();
         if !self.pipeline {
             self.join().await?;
         }
         Ok(())
+    }
+
+    /// Publishes when the oldest change received but not yet committed in the target
+    /// arrived: the batch in flight's, else the one being built's. Called at each hand-over
+    /// and commit, not only from the loop's timer: a loop that waits on a writer stuck behind
+    /// a lock must still show the lag growing (D35).
+    fn publish_lag(&self) {
+        let since = [self.inflight_since, self.batch_oldest.map(|(_, r)| r)]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Ok(mut s) = self.shared.unapplied_since.lock() {
+            *s = since;
+        }
     }
 
     /// [`Applier::flush`], then waits until the batch has committed and been confirmed.
@@ -1211,6 +1251,8 @@ impl Applier<'_> {
         let done = h
             .await
             .map_err(|e| RunError::Fatal(format!("the batch writer task failed: {e}")))?;
+        self.inflight_since = None;
+        self.publish_lag();
         self.conn = Some((done.tgt, done.writer));
         match done.result {
             Ok(rereads) => self.new_rereads.extend(rereads),
@@ -1750,7 +1792,8 @@ async fn run_once(
         chunk_rows: AtomicU64::new(spec.copy.chunk_rows),
         max_lag_bytes: AtomicU64::new(spec.throttle.max_lag_bytes),
         max_apply_lag_ms: AtomicU64::new(spec.throttle.max_apply_lag_ms),
-        apply_lag_ms: AtomicU64::new(0),
+        unapplied_since: std::sync::Mutex::new(None),
+        stream: stream.confirm_handle(),
         shape_changed: std::sync::Mutex::new(None),
         copier_failed: std::sync::Mutex::new(None),
     });
@@ -1793,6 +1836,8 @@ async fn run_once(
         prepared_arc: prepared.clone(),
         conn: Some((tgt, writer)),
         inflight: None,
+        inflight_since: None,
+        shared: shared.clone(),
         large: None,
         streamed: None,
         streamed_state: streamed::StreamedState::default(),
@@ -1833,7 +1878,6 @@ async fn run_once(
         .map(|(i, c)| c.is_identity || prepared.copy_source.key.contains(&i))
         .collect();
     let mut last_end = committed.unwrap_or(Lsn::ZERO);
-    let mut oldest_unapplied: Option<Instant> = None;
     let mut sync_sent: Option<u64> = None;
     let mut sync_seq: u64 = 0;
     let mut last_report = Instant::now();
@@ -1896,7 +1940,6 @@ async fn run_once(
             && (ap.writer_idle() || ap.due(now, opts.batch_max_delay * 8));
         if txn.is_none() && (eager || due) {
             ap.flush(&stream).await?;
-            oldest_unapplied = None;
         }
         if !streaming
             && stale.is_none()
@@ -1941,10 +1984,8 @@ async fn run_once(
                     why: format!("the backfill found it changed: {why}"),
                 });
             }
-            let lag = oldest_unapplied
-                .map(|t| t.elapsed().as_millis() as u64)
-                .unwrap_or(0);
-            shared.apply_lag_ms.store(lag, Ordering::Relaxed);
+            ap.publish_lag();
+            let lag = shared.apply_lag_ms();
             metrics::gauge!(crate::metrics::APPLY_LAG_SECONDS).set(lag as f64 / 1000.0);
             // Lag in bytes: the source's WAL position against what is confirmed (the slot
             // advances over other tables' WAL while idle too).
@@ -2012,7 +2053,6 @@ async fn run_once(
                 // stream (with a marker) whether everything up to now has been applied.
                 if txn.is_none() && !ap.is_empty() {
                     ap.flush_sync(&stream).await?;
-                    oldest_unapplied = None;
                 }
                 if txn.is_none() && ap.is_empty() {
                     // Everything processed is applied (or durably queued for a re-read).
@@ -2072,7 +2112,7 @@ async fn run_once(
                 txn = Some(Txn {
                     xid,
                     commit_ts,
-                    received: Instant::now(),
+                    received: stream.arrived_at(),
                     changes: Vec::new(),
                     keys: Vec::new(),
                     track: tracker.open_windows() > 0,
@@ -2237,10 +2277,6 @@ async fn run_once(
                 }
                 last_end = last_end.max(end_lsn);
                 ap.position = ap.position.max(end_lsn);
-                if ap.batch_lsn.is_none() {
-                    // The batch was flushed before the streamed commit.
-                    oldest_unapplied = None;
-                }
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 let Some(t) = txn.take() else { continue };
@@ -2264,20 +2300,17 @@ async fn run_once(
                     // Written in parts as it arrived: commit it.
                     ap.commit_large(end_lsn, (t.commit_ts, t.received), &stream)
                         .await?;
-                    oldest_unapplied = None;
                     continue;
                 }
                 if t.changes.is_empty() {
                     continue;
                 }
-                oldest_unapplied.get_or_insert_with(Instant::now);
                 ap.batch_oldest.get_or_insert((t.commit_ts, t.received));
                 for change in t.changes {
                     ap.push(end_lsn, change)?;
                 }
                 if ap.full(opts) {
                     ap.flush(&stream).await?;
-                    oldest_unapplied = None;
                 }
             }
             LogicalMessage::Message {
@@ -2409,7 +2442,6 @@ async fn run_once(
                                 }
                                 if ap.full(opts) {
                                     ap.flush(&stream).await?;
-                                    oldest_unapplied = None;
                                 }
                             }
                         }
@@ -2418,7 +2450,6 @@ async fn run_once(
                         sync_sent = None;
                         if txn.is_none() && !ap.is_empty() {
                             ap.flush_sync(&stream).await?;
-                            oldest_unapplied = None;
                         }
                         if txn.is_none() && ap.is_empty() {
                             // Everything streamed before the marker is applied: confirm it at
@@ -2831,7 +2862,8 @@ async fn copier(
     let mut next_id: u64 = 1;
     let mut worker_clients: Vec<Arc<tokio::sync::Mutex<Client>>> = Vec::new();
     let mut rr = 0usize;
-    let mut throttled = false;
+    // What holds the backfill (a `Throttle::cause`), to log each change of cause once.
+    let mut throttled: Option<&'static str> = None;
     loop {
         // A session ended on its own (terminated by an administrator, an idle timeout) while
         // the run's other connections stayed up: open another.
@@ -2854,17 +2886,16 @@ async fn copier(
         let job = match job {
             Some(j) => j,
             None => {
-                if let Some(why) = throttle_reason(&planner_client, &spec, &shared).await {
-                    if !throttled {
-                        tracing::info!("backfill throttled: {why}");
-                        throttled = true;
+                if let Some(t) = throttle_reason(&planner_client, &spec, &shared).await {
+                    if throttled != Some(t.cause) {
+                        tracing::info!("backfill throttled: {}", t.why);
+                        throttled = Some(t.cause);
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
-                if throttled {
+                if throttled.take().is_some() {
                     tracing::info!("backfill resumed");
-                    throttled = false;
                 }
                 let n = shared.chunk_rows.load(Ordering::Relaxed).max(1) as i64;
                 let hi = match source.boundary_after(&planner_client, lo.as_ref(), n).await {
@@ -2998,19 +3029,34 @@ async fn read_job(
     Ok(())
 }
 
+/// What holds the backfill back.
+struct Throttle {
+    /// The kind of limit, stable while its figures change: a new cause is logged again.
+    cause: &'static str,
+    /// What to tell the operator, figures and limit included.
+    why: String,
+}
+
 /// Why the backfill should wait now, if it should: paused by the operator, the slot holding
 /// too much WAL, apply lagging, or physical standbys lagging. `pg_stat_replication` lists
 /// logical walsenders too — this run's own, other migrations', a stalled CDC consumer's —
 /// whose "replay" is only what their client confirmed: they are left out, or a stopped
 /// consumer elsewhere would hold the backfill forever and this run's own lag would throttle it.
-async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<String> {
+async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<Throttle> {
+    let hold = |cause, why| Some(Throttle { cause, why });
     if shared.paused.load(Ordering::Relaxed) {
-        return Some("paused by the operator (shadowmig resume SPEC to go on)".into());
+        return hold(
+            "paused",
+            "paused by the operator (shadowmig resume SPEC to go on)".into(),
+        );
     }
-    let apply_lag = shared.apply_lag_ms.load(Ordering::Relaxed);
+    let apply_lag = shared.apply_lag_ms();
     let max_apply = shared.max_apply_lag_ms.load(Ordering::Relaxed);
     if apply_lag > max_apply {
-        return Some(format!("apply lags {apply_lag} ms (limit {max_apply} ms)"));
+        return hold(
+            "apply lag",
+            format!("apply lags {apply_lag} ms (limit {max_apply} ms)"),
+        );
     }
     let row = src
         .query_opt(
@@ -3028,13 +3074,19 @@ async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<S
     let max_lag = shared.max_lag_bytes.load(Ordering::Relaxed);
     if let Some(h) = held {
         if h as u64 > max_lag {
-            return Some(format!("the slot holds {h} bytes of WAL (limit {max_lag})"));
+            return hold(
+                "slot WAL",
+                format!("the slot holds {h} bytes of WAL (limit {max_lag})"),
+            );
         }
     }
     let replica: Option<i64> = row.try_get(1).ok().flatten();
     if let (Some(r), Some(limit)) = (replica, spec.throttle.max_replica_lag_bytes) {
         if r as u64 > limit {
-            return Some(format!("a standby's replay lags {r} bytes (limit {limit})"));
+            return hold(
+                "standby lag",
+                format!("a standby's replay lags {r} bytes (limit {limit})"),
+            );
         }
     }
     None

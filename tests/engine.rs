@@ -24,13 +24,16 @@ fn write_spec(dir: &tempfile::TempDir, name: &str, url: &str, chunk_rows: u64) -
     path
 }
 
+/// The longest a `run --exit-when-caught-up` may take in these tests before it counts as hung
+/// (each takes seconds; CI's 2 cores under the whole suite can make that a minute).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(240);
+
 /// Runs `run --exit-when-caught-up` to completion; panics with its stderr on failure.
 fn run_to_catch_up(spec: &Path) {
-    let out = shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"]),
+        CATCH_UP_LIMIT,
+    );
     assert!(
         out.status.success(),
         "run failed ({:?}):\n{}",
@@ -161,15 +164,35 @@ fn crash_run(seed: u64, ddl: bool) {
         kills += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let stats = rt.block_on(workload).unwrap();
+    let joined = |what: &str| {
+        format!(
+            "seed {seed}: the {what} did not stop within a minute; sessions:\n{}",
+            c.psql(
+                &db,
+                "SELECT pid, application_name, state, wait_event_type, wait_event, left(query, 120) \
+                 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            .unwrap_or_default()
+        )
+    };
+    let stats = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), workload).await })
+        .unwrap_or_else(|_| panic!("{}", joined("workload")))
+        .unwrap();
     assert!(stats.committed > 50, "workload too small: {stats:?}");
-    let ddls = ddl_task.map(|t| rt.block_on(t).unwrap()).unwrap_or(0);
+    let ddls = ddl_task
+        .map(|t| {
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), t).await })
+                .unwrap_or_else(|_| panic!("{}", joined("shape-change workload")))
+                .unwrap()
+        })
+        .unwrap_or(0);
     assert_eq!(ddl, ddls > 0, "seed {seed}: shape changes made: {ddls}");
     // The last shape change may still be ahead of the stream: one pause more at most.
-    let out = shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"])
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"]),
+        CATCH_UP_LIMIT,
+    );
     if out.status.code() == Some(3) {
         assert!(ddl, "seed {seed}: paused without a DDL");
         pauses += 1;
@@ -460,9 +483,7 @@ fn a_same_named_slot_in_another_database_is_refused_and_left_alone() {
         "SELECT pg_create_logical_replication_slot('shadowmig_foreign_slot', 'pgoutput')",
     )
     .unwrap();
-    let out = shadowmig(&["run", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = common::output_within(shadowmig(&["run", spec.to_str().unwrap()]), CATCH_UP_LIMIT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&other) && err.contains("`name`"), "{err}");
@@ -894,9 +915,7 @@ fn bad_input_to_run_is_explained() {
 
     let (c, db) = testpg::fresh_db("engine_badinput").unwrap();
     let spec = write_spec(&dir, "no_source", &c.url(&db), 100);
-    let out = shadowmig(&["run", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = common::output_within(shadowmig(&["run", spec.to_str().unwrap()]), CATCH_UP_LIMIT);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("preflight") && err.contains("orders"), "{err}");
@@ -1237,6 +1256,96 @@ fn the_slot_wal_limit_holds_the_backfill_until_raised() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_logged(&log, "backfill resumed");
+    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    abort_ok(&spec);
+}
+
+/// A slow apply (each streamed update of a row costs the target 0.2 s, a trigger's sleep,
+/// and updates come faster than that): the lag of the changes waiting grows past
+/// `max_apply_lag_ms` and the backfill holds, saying why, until the apply has caught up;
+/// then it finishes. The lag counts the batch in flight (D35): before, it was measured only
+/// until a batch was handed to its writer.
+#[test]
+fn a_lagging_apply_holds_the_backfill_until_it_catches_up() {
+    let (c, db) = testpg::fresh_db("engine_apply_lag").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("apply_lag.toml");
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            "apply_lag",
+            &c.url(&db),
+            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_apply_lag_ms = 1500\n",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = KillOnDrop(spawn_run(&spec, &log));
+    wait_backfill_started(&spec);
+    // Held by the operator first, so that the backfill is still under way when the apply
+    // falls behind.
+    common::assert_ok(
+        &shadowmig(&["pause", spec.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    wait_logged(&log, 30, "backfill throttled: paused by the operator");
+    c.psql(
+        &db,
+        "CREATE FUNCTION slow_apply() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM pg_sleep(0.2); RETURN NEW; END $$; \
+         CREATE TRIGGER slow_apply BEFORE INSERT OR UPDATE ON orders_v2 FOR EACH ROW \
+           WHEN (NEW.status = 'slow') EXECUTE FUNCTION slow_apply();",
+    )
+    .unwrap();
+    // Rows already copied, so that only the apply meets the trigger: 20 of them, updated
+    // 10 times a second, each costing the apply 0.2 s.
+    let ids: Vec<String> = c
+        .psql(&db, "SELECT id FROM orders_v2 ORDER BY id LIMIT 20")
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), 20, "rows copied before the pause: {ids:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, db) = (stop.clone(), db.clone());
+        std::thread::spawn(move || {
+            for id in ids.iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                c.psql(
+                    &db,
+                    &format!("UPDATE orders SET status = 'slow' WHERE id = {id}"),
+                )
+                .unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    common::assert_ok(
+        &shadowmig(&["resume", spec.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    wait_logged(&log, 60, "backfill throttled: apply lags");
+    assert_copy_held(&spec);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(120)),
+        "the backfill did not finish after the apply caught up:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    let throttled = l.find("backfill throttled: apply lags").unwrap_or(0);
+    assert!(
+        l[throttled..].contains("backfill resumed"),
+        "no resume logged after the apply lag:\n{l}"
+    );
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
     abort_ok(&spec);
 }
@@ -1618,10 +1727,9 @@ fn a_second_live_run_of_the_same_migration_is_refused() {
     let spec = write_spec(&dir, "two_runs", &c.url(&db), 100);
     let mut first = spawn_run(&spec, &dir.path().join("run1.log"));
     assert!(wait_equal(c, &db, Duration::from_secs(60)));
-    let out = shadowmig(&["run", spec.to_str().unwrap()])
-        .env("SHADOWMIG_WRITER_LOCK_WAIT_SECS", "2")
-        .output()
-        .unwrap();
+    let mut cmd = shadowmig(&["run", spec.to_str().unwrap()]);
+    cmd.env("SHADOWMIG_WRITER_LOCK_WAIT_SECS", "2");
+    let out = common::output_within(cmd, CATCH_UP_LIMIT);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another `shadowmig run`"), "{err}");
@@ -1871,6 +1979,22 @@ fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {
     common::spawn_run(spec, log, "shadowmig=debug")
 }
 
+/// Waits (up to `secs`) until the run's log says `text`; on a timeout, panics with the log.
+fn wait_logged(log: &Path, secs: u64, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let l = std::fs::read_to_string(log).unwrap_or_default();
+        if l.contains(text) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the log to say {text:?}:\n{l}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Polls `cond` every 100 ms for up to `secs` seconds; panics with `what` when it stays false.
 fn poll_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -2012,9 +2136,10 @@ fn assert_copy_held(spec: &Path) {
 
 /// `shadowmig abort SPEC`, which must succeed.
 fn abort_ok(spec: &Path) {
-    let out = shadowmig(&["abort", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        shadowmig(&["abort", spec.to_str().unwrap()]),
+        Duration::from_secs(120),
+    );
     common::assert_ok(&out);
 }
 

@@ -719,3 +719,91 @@ fn existing_target_table_is_used_and_rows_in_it_are_flagged() {
     assert_eq!(t.status, Status::Fail);
     assert!(t.detail.contains("already exists"), "{}", t.detail);
 }
+
+/// The statements of a no-old-key fix with the placeholder filled, the lock note left out.
+fn identity_fix_statements(fix: &str, columns: &str) -> Vec<String> {
+    fix.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("CREATE ") || l.starts_with("ALTER "))
+        .map(|l| {
+            l.split("  (")
+                .next()
+                .unwrap()
+                .replace("<NOT NULL columns>", columns)
+        })
+        .collect()
+}
+
+#[test]
+fn a_source_without_an_old_key_gets_a_fix_from_what_it_has() {
+    let (c, db) = testpg::fresh_db("plan_no_identity").unwrap();
+    c.psql(&db, ORDERS_SCHEMA).unwrap();
+    c.psql(&db, "ALTER TABLE public.orders REPLICA IDENTITY NOTHING")
+        .unwrap();
+    let spec = parse(&orders_spec_text(&c.url(&db)));
+    let source_key = |p: &Plan| p.check(names::SOURCE_KEY).unwrap().clone();
+
+    // NOTHING with a primary key: going back to DEFAULT is enough.
+    let p = run_plan(&spec);
+    let ck = source_key(&p);
+    assert_eq!(ck.status, Status::Fail, "{}", p.render());
+    assert!(ck.detail.contains("NOTHING"), "{}", ck.detail);
+    let fix = ck.fix.clone().unwrap();
+    assert!(
+        fix.contains(r#"ALTER TABLE "public"."orders" REPLICA IDENTITY DEFAULT;"#),
+        "{fix}"
+    );
+    assert!(fix.contains("lock_timeout"), "{fix}");
+    for s in identity_fix_statements(&fix, "id") {
+        c.psql(&db, &s).unwrap();
+    }
+    assert_eq!(status(&run_plan(&spec), names::SOURCE_KEY), Status::Ok);
+
+    // No primary key, an existing unique index on a NOT NULL column: use it, or promote it.
+    c.psql(
+        &db,
+        "ALTER TABLE public.orders DROP CONSTRAINT orders_pkey CASCADE;
+         CREATE UNIQUE INDEX \"orders id\" ON public.orders (id)",
+    )
+    .unwrap();
+    let ck = source_key(&run_plan(&spec));
+    assert_eq!(ck.status, Status::Fail);
+    assert!(
+        ck.detail.contains("DEFAULT without a primary key"),
+        "{}",
+        ck.detail
+    );
+    let fix = ck.fix.clone().unwrap();
+    assert!(
+        fix.contains(r#"REPLICA IDENTITY USING INDEX "orders id";"#),
+        "{fix}"
+    );
+    assert!(
+        fix.contains(r#"ADD PRIMARY KEY USING INDEX "orders id";"#),
+        "{fix}"
+    );
+    assert!(!fix.contains("CREATE UNIQUE INDEX"), "{fix}");
+    let first = identity_fix_statements(&fix, "id").remove(0);
+    c.psql(&db, &first).unwrap();
+    assert_eq!(status(&run_plan(&spec), names::SOURCE_KEY), Status::Ok);
+
+    // No primary key and no unique index: create one, then make it the identity.
+    c.psql(
+        &db,
+        "ALTER TABLE public.orders REPLICA IDENTITY DEFAULT; DROP INDEX public.\"orders id\"",
+    )
+    .unwrap();
+    let ck = source_key(&run_plan(&spec));
+    assert_eq!(ck.status, Status::Fail);
+    let fix = ck.fix.clone().unwrap();
+    let stmts = identity_fix_statements(&fix, "id");
+    assert_eq!(stmts.len(), 2, "{fix}");
+    assert!(
+        stmts[0].starts_with("CREATE UNIQUE INDEX CONCURRENTLY"),
+        "{fix}"
+    );
+    for s in &stmts {
+        c.psql(&db, s).unwrap();
+    }
+    assert_eq!(status(&run_plan(&spec), names::SOURCE_KEY), Status::Ok);
+}

@@ -299,6 +299,9 @@ struct Shared {
     /// Times the reader switched to (or left) the busy low-water mark.
     lowat_switches: AtomicU64,
     progress: Mutex<Progress>,
+    /// When each queued batch was read, oldest first (the one being handed out included):
+    /// how long the oldest unconsumed message has waited, even while the consumer is busy.
+    arrivals: Mutex<std::collections::VecDeque<std::time::Instant>>,
 }
 
 impl Shared {
@@ -383,6 +386,18 @@ impl std::fmt::Debug for Cmd {
 }
 
 impl ConfirmHandle {
+    /// When the oldest message read from the server and not yet fully taken by the consumer
+    /// arrived; `None` when the consumer has taken everything. Readable from another task
+    /// while the consumer is busy elsewhere (e.g. waiting on a slow write).
+    pub fn unread_since(&self) -> Option<std::time::Instant> {
+        self.shared
+            .arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .front()
+            .copied()
+    }
+
     /// Declares everything up to `lsn` durable downstream. Monotonic: a lower value is ignored.
     /// Reported to the server with the next status update.
     pub fn confirm(&self, lsn: Lsn) {
@@ -525,6 +540,14 @@ impl LogicalStream {
         self.handle.status()
     }
 
+    /// When the message just taken (or the next one) was read from the socket: the lag of a
+    /// consumer that falls behind counts from there, not from when it got round to it.
+    pub fn arrived_at(&self) -> std::time::Instant {
+        self.handle
+            .unread_since()
+            .unwrap_or_else(std::time::Instant::now)
+    }
+
     /// Events read from the socket and not yet taken by the consumer (at most
     /// [`StreamConfig::channel_capacity`]).
     pub fn queued(&self) -> usize {
@@ -598,6 +621,12 @@ impl futures_util::Stream for LogicalStream {
             if this.batch_permits > 0 {
                 this.permits.add_permits(this.batch_permits);
                 this.batch_permits = 0;
+                this.handle
+                    .shared
+                    .arrivals
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop_front();
             }
             match this.rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -985,6 +1014,10 @@ impl Queue {
     /// Queues a batch, waiting for room; a batch of keepalives only is dropped when there is
     /// none. False when the consumer is gone.
     async fn push(&self, events: Vec<ReplicationEvent>) -> bool {
+        if events.is_empty() {
+            return true;
+        }
+        let read_at = std::time::Instant::now();
         let n = events.len() as u32;
         let keepalives_only = events
             .iter()
@@ -1002,6 +1035,11 @@ impl Queue {
             }
         }
         self.shared.queued.fetch_add(n as usize, Ordering::AcqRel);
+        self.shared
+            .arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(read_at);
         self.tx.send(Ok(events)).is_ok()
     }
 }

@@ -271,6 +271,41 @@ pub fn spawn_run_env(
         .unwrap()
 }
 
+/// Runs `cmd` to its end like `Command::output`, but kills it and panics with what it printed
+/// if it has not exited within `timeout`: a hung run fails its test with its log instead of
+/// stalling the whole suite past CI's limit.
+pub fn output_within(
+    mut cmd: std::process::Command,
+    timeout: std::time::Duration,
+) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child, timeout);
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap_or_default();
+    let Some(status) = status else {
+        // SAFETY: killing our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGKILL);
+        }
+        let _ = child.wait();
+        panic!(
+            "{cmd:?} did not exit within {timeout:?}; it printed:\n{}\n{}",
+            String::from_utf8_lossy(&read(&out_path)),
+            String::from_utf8_lossy(&read(&err_path))
+        );
+    };
+    std::process::Output {
+        status,
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    }
+}
+
 /// Panics with the log unless it says `text`.
 pub fn assert_logged(log: &std::path::Path, text: &str) {
     let l = std::fs::read_to_string(log).unwrap_or_default();
