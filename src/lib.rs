@@ -30,6 +30,7 @@ pub mod raw;
 pub mod replication;
 pub mod run;
 pub mod sampler;
+pub mod size;
 pub mod spec;
 pub mod stages;
 pub mod state;

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::catalog::{self, CatalogError, Column, FkDirection, ReplicaIdentity};
+use crate::size::human_bytes;
 use crate::spec::{quote_ident, QualifiedName, Spec, STATE_SCHEMA};
 
 /// The outcome of one check.
@@ -1317,21 +1318,6 @@ fn fk_check(
         }
     }
     ck.warn(FOREIGN_KEYS, lines.join("\n"), Some("decide for each constraint before `cutover writes`; plan lists them, it does not move them".into()));
-}
-
-fn human_bytes(b: i64) -> String {
-    let units = ["bytes", "kB", "MB", "GB", "TB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} bytes")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
 }
 
 /// Free bytes of the file system holding `path`.

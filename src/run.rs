@@ -34,6 +34,7 @@ use crate::replication::{
     PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent, SnapshotAction,
     StreamConfig,
 };
+use crate::size::human_bytes;
 use crate::spec::{quote_ident, quote_literal, Spec};
 use crate::stages::{RunStage, StageLog};
 use crate::state::{self, ChunkProgress, Direction};
@@ -1889,21 +1890,29 @@ async fn run_once(
     let started = Instant::now();
     let mut caught_up_logged = false;
     let mut fast_reads: u32 = 0;
+    // The planner's row estimate and the server's WAL limit for slots, for the progress
+    // display: neither is worth failing a run over.
+    let (estimate, keep_bytes): (u64, Option<i64>) = match src
+        .query_opt(
+            "SELECT (SELECT sum(greatest(c.reltuples, 0))::int8 FROM pg_class c \
+                     WHERE c.oid = $1::int8::oid OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid) WHERE isleaf)), \
+                    pg_size_bytes(current_setting('max_slot_wal_keep_size'))",
+            &[&i64::from(prepared.source_oid)],
+        )
+        .await
+    {
+        Ok(Some(r)) => (
+            r.try_get::<_, Option<i64>>(0).ok().flatten().unwrap_or(0).max(0) as u64,
+            r.try_get::<_, Option<i64>>(1).ok().flatten(),
+        ),
+        _ => (0, None),
+    };
     let mut bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        let estimate: Option<i64> = src
-            .query_opt(
-                "SELECT sum(greatest(c.reltuples, 0))::int8 FROM pg_class c \
-                 WHERE c.oid = $1::int8::oid OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid) WHERE isleaf)",
-                &[&i64::from(prepared.source_oid)],
-            )
-            .await
-            .ok()
-            .flatten()
-            .and_then(|r| r.try_get(0).ok());
-        Some(Progress::new(estimate.unwrap_or(0).max(0) as u64))
+        Some(Progress::new(estimate))
     } else {
         None
     };
+    let mut report = ProgressReport::new(estimate, keep_bytes, copy_state.rows_copied);
 
     // A batch may be in flight when the loop fails: it must finish (commit or fail) before a
     // retry reads the progress, or its older images could land after the retry's newer ones.
@@ -1999,7 +2008,9 @@ async fn run_once(
             {
                 let bytes: i64 = row.get(0);
                 metrics::gauge!(crate::metrics::APPLY_LAG_BYTES).set(bytes as f64);
+                report.held_bytes = bytes;
             }
+            report.lag_ms = lag;
         }
         stages.set(RunStage::of(
             copy_state.done,
@@ -2007,13 +2018,19 @@ async fn run_once(
             caught_up_logged,
         ));
         if let Some(bar) = bar.as_mut() {
-            bar.update(&copy_state, ap.applied, last_end);
+            bar.update(&copy_state, ap.applied, last_end, &report);
         } else if now.saturating_duration_since(last_report) > Duration::from_secs(5) {
             last_report = now;
+            let f = report.take(now, &copy_state, ap.applied);
             tracing::info!(
                 rows_copied = copy_state.rows_copied,
                 copy_done = copy_state.done,
+                rows_per_sec = f.rows_per_sec,
+                eta_secs = f.eta_secs,
                 changes_applied = ap.applied,
+                changes_per_sec = f.changes_per_sec,
+                apply_lag_ms = report.lag_ms,
+                slot_wal_held = %f.held,
                 position = %last_end,
                 "progress"
             );
@@ -2613,7 +2630,7 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, copy: &CopyState, applied: u64, position: Lsn) {
+    fn update(&mut self, copy: &CopyState, applied: u64, position: Lsn, report: &ProgressReport) {
         if self.last.elapsed() < Duration::from_millis(200) {
             return;
         }
@@ -2634,9 +2651,83 @@ impl Progress {
             }
             self.bar.set_position(copied);
         }
-        self.bar
-            .set_message(format!("{applied} changes applied, at {position}"));
+        self.bar.set_message(format!(
+            "{applied} changes applied, at {position}, apply lag {} ms, slot holds {}",
+            report.lag_ms,
+            report.held_text()
+        ));
         self.bar.tick();
+    }
+}
+
+/// The figures of the plain progress line (off a terminal): rates over the last interval,
+/// the backfill's ETA from the planner's estimate, and the WAL the slot holds against the
+/// server's `max_slot_wal_keep_size`, which invalidates the slot when passed.
+struct ProgressReport {
+    estimate: u64,
+    keep_bytes: Option<i64>,
+    lag_ms: u64,
+    held_bytes: i64,
+    at: Instant,
+    rows: i64,
+    applied: u64,
+}
+
+/// One interval's figures of [`ProgressReport::take`].
+struct Figures {
+    rows_per_sec: u64,
+    changes_per_sec: u64,
+    /// None while the rate is 0, when the copy is done, or without an estimate.
+    eta_secs: Option<u64>,
+    held: String,
+}
+
+impl ProgressReport {
+    /// `rows` is the count already copied (by earlier runs): rates are this run's only.
+    fn new(estimate: u64, keep_bytes: Option<i64>, rows: i64) -> ProgressReport {
+        ProgressReport {
+            estimate,
+            keep_bytes,
+            lag_ms: 0,
+            held_bytes: 0,
+            at: Instant::now(),
+            rows: rows.max(0),
+            applied: 0,
+        }
+    }
+
+    fn held_text(&self) -> String {
+        let held = human_bytes(self.held_bytes);
+        match self.keep_bytes {
+            Some(k) if k >= 0 => format!(
+                "{held} of max_slot_wal_keep_size {} ({:.0}%)",
+                human_bytes(k),
+                100.0 * self.held_bytes as f64 / (k.max(1)) as f64
+            ),
+            _ => format!("{held} (max_slot_wal_keep_size unlimited)"),
+        }
+    }
+
+    fn take(&mut self, now: Instant, copy: &CopyState, applied: u64) -> Figures {
+        let secs = now
+            .saturating_duration_since(self.at)
+            .as_secs_f64()
+            .max(0.001);
+        let rows = copy.rows_copied.max(0);
+        let rows_per_sec = ((rows - self.rows).max(0) as f64 / secs) as u64;
+        let changes_per_sec = (applied.saturating_sub(self.applied) as f64 / secs) as u64;
+        self.at = now;
+        self.rows = rows;
+        self.applied = applied;
+        let left = self.estimate.saturating_sub(rows as u64);
+        let eta_secs =
+            (!copy.done && rows_per_sec > 0 && self.estimate > 0).then(|| left / rows_per_sec);
+        Figures {
+            rows_per_sec,
+            changes_per_sec,
+            eta_secs,
+            held: self.held_text(),
+        }
     }
 }
 
@@ -3095,6 +3186,38 @@ async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_figures_are_this_runs_rates_and_an_eta_from_the_estimate() {
+        // Resumed at 1000 of an estimated 11 000 rows.
+        let mut r = ProgressReport::new(11_000, Some(64 << 20), 1000);
+        r.held_bytes = 16 << 20;
+        let t0 = r.at;
+        let copy = |rows, done| CopyState {
+            frontier: None,
+            rows_copied: rows,
+            done,
+        };
+        let f = r.take(t0 + Duration::from_secs(5), &copy(6000, false), 500);
+        assert_eq!(
+            f.rows_per_sec, 1000,
+            "earlier runs' rows are not this run's rate"
+        );
+        assert_eq!(f.changes_per_sec, 100);
+        assert_eq!(f.eta_secs, Some(5));
+        assert_eq!(f.held, "16.0 MB of max_slot_wal_keep_size 64.0 MB (25%)");
+        // Paused: no rate, no ETA.
+        let f = r.take(t0 + Duration::from_secs(10), &copy(6000, false), 500);
+        assert_eq!((f.rows_per_sec, f.eta_secs), (0, None));
+        // Past the estimate, or done: no ETA rather than a wrong one.
+        let f = r.take(t0 + Duration::from_secs(11), &copy(12_000, true), 900);
+        assert_eq!(
+            (f.rows_per_sec, f.changes_per_sec, f.eta_secs),
+            (6000, 400, None)
+        );
+        r.keep_bytes = Some(-1);
+        assert_eq!(r.held_text(), "16.0 MB (max_slot_wal_keep_size unlimited)");
+    }
 
     #[test]
     fn markers_of_other_migrations_and_epochs_are_ignored() {

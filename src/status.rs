@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::catalog;
+use crate::size::human_bytes;
 use crate::spec::Spec;
 use crate::state::{self, Direction};
 
@@ -331,21 +332,6 @@ fn pick(set: Option<i64>, spec: u64) -> u64 {
     set.filter(|v| *v > 0).map(|v| v as u64).unwrap_or(spec)
 }
 
-fn bytes_h(b: i64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v.abs() >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 impl Status {
     /// The status as a readable table.
     pub fn render(&self) -> String {
@@ -399,8 +385,8 @@ impl Status {
             (
                 "lag",
                 match (self.lag.bytes, self.lag.seconds) {
-                    (Some(b), Some(s)) => format!("{} ({s:.1} s)", bytes_h(b)),
-                    (Some(b), None) => bytes_h(b),
+                    (Some(b), Some(s)) => format!("{} ({s:.1} s)", human_bytes(b)),
+                    (Some(b), None) => human_bytes(b),
                     _ => "—".into(),
                 },
             ),
@@ -417,11 +403,12 @@ impl Status {
                         },
                         self.slot
                             .wal_held_bytes
-                            .map(bytes_h)
+                            .map(human_bytes)
                             .unwrap_or_else(|| "?".into()),
                         match self.slot.max_slot_wal_keep_size_mb {
                             Some(-1) | None => ", max_slot_wal_keep_size unlimited".to_string(),
-                            Some(mb) => format!(" of max_slot_wal_keep_size {}", bytes_h(mb << 20)),
+                            Some(mb) =>
+                                format!(" of max_slot_wal_keep_size {}", human_bytes(mb << 20)),
                         },
                         self.slot
                             .wal_status

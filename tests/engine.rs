@@ -1178,6 +1178,17 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
         b["copy"]["eta_seconds"].as_f64().unwrap_or(0.0) > 0.0,
         "an ETA while copying: {b}"
     );
+    // Off a terminal, the progress line carries the rates, the lag and the WAL held against
+    // the server's limit (the harness leaves max_slot_wal_keep_size unlimited).
+    wait_logged(&log, 15, "max_slot_wal_keep_size unlimited");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("progress") && l.contains("slot_wal_held"))
+        .unwrap_or_else(|| panic!("no progress line:\n{text}"));
+    for field in ["rows_copied=", "rows_per_sec=", "apply_lag_ms=", "changes_per_sec="] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
 
     let out = shadowmig(&[
         "throttle",
