@@ -1186,7 +1186,12 @@ fn pause_resume_and_throttle_act_on_a_running_backfill() {
         .lines()
         .find(|l| l.contains("progress") && l.contains("slot_wal_held"))
         .unwrap_or_else(|| panic!("no progress line:\n{text}"));
-    for field in ["rows_copied=", "rows_per_sec=", "apply_lag_ms=", "changes_per_sec="] {
+    for field in [
+        "rows_copied=",
+        "rows_per_sec=",
+        "apply_lag_ms=",
+        "changes_per_sec=",
+    ] {
         assert!(line.contains(field), "{field} missing from {line}");
     }
 
@@ -2162,4 +2167,112 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The target on a server of its own, restarted (`pg_ctl restart -m fast`) during the backfill
+/// and again while the source is written to: `run` loses only its target connections, retries with backoff, resumes
+/// from the state in the target, and the target ends equal to transform(source).
+#[test]
+fn a_target_server_restart_during_backfill_and_streaming_is_survived() {
+    let (c, db) = testpg::fresh_db("engine_tgt_restart").unwrap();
+    setup(c, &db, 20_000);
+    let t = TestCluster::start(&shadowmig::testpg::ClusterConfig::default()).unwrap();
+    let tdb = t.create_database("tgt_restart").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("tgt_restart.toml");
+    let text = common::orders_spec(
+        "tgt_restart",
+        &c.url(&db),
+        "[copy]\nchunk_rows = 200\nworkers = 2\n",
+    )
+    .replacen(
+        "[target]\n",
+        &format!("[target]\nurl = \"{}\"\n", t.url(&tdb)),
+        1,
+    );
+    std::fs::write(&spec, text).unwrap();
+    // The two sides compared by an order-independent digest of their rows' text, each
+    // computed on its own server (an EXCEPT cannot span two servers).
+    let digest = |cl: &TestCluster, d: &str, q: &str| {
+        cl.psql(
+            d,
+            &format!("SELECT count(*) || ':' || coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '') FROM ({q}) x"),
+        )
+        .unwrap_or_default()
+    };
+    let equal_within = |secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (e, a) = (
+                digest(c, &db, common::ORDERS_EXPECTED),
+                digest(&t, &tdb, common::ORDERS_ACTUAL),
+            );
+            if e == a {
+                return true;
+            }
+            if Instant::now() > deadline {
+                eprintln!("expected {e}, target {a}");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    // Once during the backfill (the chunk writers lose their connections too)…
+    wait_backfill_started(&spec);
+    if let Err(e) = t.restart_fast() {
+        panic!(
+            "target restart failed: {e}\nrun log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    assert!(
+        equal_within(90),
+        "run did not finish the backfill after a target restart:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, stop2) = (c.url(&db), stop.clone());
+    let workload = rt.spawn(async move {
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        common::orders_workload(&mut client, 91, stop2, 400).await
+    });
+    // …and once while streaming.
+    std::thread::sleep(Duration::from_millis(800));
+    if let Err(e) = t.restart_fast() {
+        panic!(
+            "target restart failed: {e}\nrun log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let stats = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), workload).await })
+        .expect("the source workload did not stop within a minute")
+        .unwrap();
+    assert!(stats.committed > 20, "workload too small: {stats:?}");
+    c.psql(
+        &db,
+        "UPDATE orders SET status = 'after-target-restart' WHERE id % 7 = 0",
+    )
+    .unwrap();
+    assert!(
+        equal_within(90),
+        "run did not resume after the target restart:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "run must survive a target restart:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("reconnecting"), "{log}");
 }
