@@ -2276,3 +2276,69 @@ fn a_target_server_restart_during_backfill_and_streaming_is_survived() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("reconnecting"), "{log}");
 }
+
+/// SIGINT (Ctrl-C) in the middle of a write load: `run` finishes the batch, commits it,
+/// confirms the slot up to it and exits 0 within seconds; the slot is then released and
+/// confirmed at least as far as the progress committed in the target (nothing committed is
+/// left unconfirmed, nothing unconfirmed is counted as applied), and the next run picks up
+/// every change made meanwhile.
+#[test]
+fn sigint_mid_load_commits_confirms_and_exits_0() {
+    let (c, db) = testpg::fresh_db("engine_sigint").unwrap();
+    setup(c, &db, 3000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "sigint_mig", &c.url(&db), 500);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_caught_up(c, &db, &spec, &log, 60);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, stop2) = (c.url(&db), stop.clone());
+    let workload = rt.spawn(async move {
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        common::orders_workload(&mut client, 5, stop2, 100_000).await
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = wait_exit(&mut child, Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "run did not stop within 30 s of SIGINT:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let slot = c
+        .psql(
+            &db,
+            "SELECT s.active, s.confirmed_flush_lsn >= p.lsn, p.lsn > '0/0' \
+             FROM pg_replication_slots s, shadowmig.progress p \
+             WHERE s.slot_name = 'shadowmig_sigint_mig' AND p.migration = 'sigint_mig' AND p.direction = 'forward'",
+        )
+        .unwrap();
+    assert_eq!(
+        slot,
+        "f|t|t",
+        "after SIGINT the slot must be released and confirmed up to the committed progress:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // The load goes on while nothing runs, then the next run catches up on all of it.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let stats = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), workload).await })
+        .expect("the workload did not stop within a minute")
+        .unwrap();
+    assert!(stats.committed > 20, "workload too small: {stats:?}");
+    run_to_catch_up(&spec);
+    common::assert_orders_equal(c, &db);
+}
