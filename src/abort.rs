@@ -82,12 +82,18 @@ pub async fn abort(spec: &Spec) -> Result<Vec<String>, AbortError> {
         ));
     }
     if have_pub {
-        src.batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {}",
+        // Under lock_timeout: abort must answer, never hang behind a session's lock.
+        let sql = format!(
+            "BEGIN; SET LOCAL lock_timeout = {}; DROP PUBLICATION IF EXISTS {}; COMMIT;",
+            spec.throttle.lock_timeout_ms,
             quote_ident(&pubname)
-        ))
-        .await
-        .map_err(db("dropping the publication"))?;
+        );
+        if let Err(e) = src.batch_execute(&sql).await {
+            let _ = src.batch_execute("ROLLBACK").await;
+            return Err(db(
+                "dropping the publication (a session may hold a lock on it; run abort again)",
+            )(e));
+        }
         done.push(format!("dropped publication {pubname}"));
     }
     drop_target_and_state(&tgt, spec, &mut done).await?;

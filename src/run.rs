@@ -674,6 +674,18 @@ async fn take_writer_lock(
     }
 }
 
+/// How many times [`ddl_with_retries`] tries a statement whose lock is not granted.
+const DDL_ATTEMPTS: u32 = 10;
+
+/// The first words of a DDL statement, to say which one could not take its lock (the
+/// target's `create` may be long; it never holds secrets, unlike connection strings).
+fn ddl_head(sql: &str) -> String {
+    let words: Vec<&str> = sql.split_whitespace().take(6).collect();
+    let head = words.join(" ");
+    let head = head.split(';').next().unwrap_or_default();
+    format!("`{head}…`")
+}
+
 /// Runs `sql` under `lock_timeout`, retrying with backoff when the lock is not granted in
 /// time, so DDL never queues behind a long lock (and never makes others queue behind it).
 pub async fn ddl_with_retries(
@@ -682,7 +694,7 @@ pub async fn ddl_with_retries(
     lock_timeout_ms: u64,
 ) -> Result<(), RunError> {
     let mut wait = Duration::from_millis(200);
-    for attempt in 1..=10 {
+    for attempt in 1..=DDL_ATTEMPTS {
         let r = client
             .batch_execute(&format!(
                 "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; {sql}; COMMIT;"
@@ -696,8 +708,16 @@ pub async fn ddl_with_retries(
                     .as_db_error()
                     .map(|d| d.code().code() == "55P03")
                     .unwrap_or(false);
-                if !lock || attempt == 10 {
+                if !lock {
                     return Err(pg_err("running DDL", e));
+                }
+                if attempt == DDL_ATTEMPTS {
+                    return Err(RunError::Setup(format!(
+                        "{} could not take its lock within lock_timeout ({lock_timeout_ms} ms) in {DDL_ATTEMPTS} tries over about a minute: \
+                         another session holds a conflicting lock on the table (find it in pg_locks joined to pg_stat_activity); \
+                         run again once it is released, or raise [throttle] lock_timeout_ms. Nothing was changed by this statement",
+                        ddl_head(sql)
+                    )));
                 }
                 tracing::warn!(
                     attempt,
@@ -723,7 +743,7 @@ pub async fn set_up(
     state::ensure_schema(tgt, lt.min(u64::from(u32::MAX)) as u32)
         .await
         .map_err(|e| state_err("creating the state schema", e))?;
-    ensure_run_state(tgt).await?;
+    ensure_run_state(tgt, lt).await?;
     state::register_migration(&*tgt, &spec.name, spec_text)
         .await
         .map_err(|e| state_err("registering the migration", e))?;
@@ -807,8 +827,10 @@ pub async fn set_up(
 }
 
 /// Columns and tables `run` needs beyond the apply engine's state tables.
-async fn ensure_run_state(tgt: &Client) -> Result<(), RunError> {
-    tgt.batch_execute(
+async fn ensure_run_state(tgt: &Client, lock_timeout_ms: u64) -> Result<(), RunError> {
+    // Under lock_timeout and retried: `status` or `verify` may be reading these tables.
+    ddl_with_retries(
+        tgt,
         "ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS created_target boolean NOT NULL DEFAULT false;
          ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS changes_applied bigint NOT NULL DEFAULT 0;
          ALTER TABLE shadowmig.migrations ADD COLUMN IF NOT EXISTS caught_up_at timestamptz;
@@ -824,10 +846,10 @@ async fn ensure_run_state(tgt: &Client) -> Result<(), RunError> {
              statement text NOT NULL,
              key_columns text[],
              PRIMARY KEY (migration, seq)
-         );",
+         )",
+        lock_timeout_ms,
     )
     .await
-    .map_err(|e| pg_err("extending the state tables", e))
 }
 
 fn hex_key(k: &KeyValue) -> Vec<Option<String>> {
@@ -3186,6 +3208,19 @@ async fn throttle_reason(src: &Client, spec: &Spec, shared: &Shared) -> Option<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ddl_is_named_by_its_first_words() {
+        assert_eq!(
+            ddl_head("CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"orders\""),
+            "`CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"orders\"…`"
+        );
+        assert_eq!(
+            ddl_head("ALTER TABLE a ADD b int;\n ALTER TABLE a ADD c int; CREATE TABLE x (y int)"),
+            "`ALTER TABLE a ADD b int…`"
+        );
+        assert_eq!(ddl_head(""), "`…`");
+    }
 
     #[test]
     fn progress_figures_are_this_runs_rates_and_an_eta_from_the_estimate() {

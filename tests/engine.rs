@@ -2342,3 +2342,73 @@ fn sigint_mid_load_commits_confirms_and_exits_0() {
     run_to_catch_up(&spec);
     common::assert_orders_equal(c, &db);
 }
+
+/// Set-up DDL never queues behind a lock: while another session holds a lock that conflicts
+/// with `CREATE PUBLICATION`, `run` gives up each try after `lock_timeout_ms`, says so and
+/// retries (others keep reading the source meanwhile); once the lock goes it proceeds. The
+/// target here was created by the user, not by `run`: `abort` removes the slot, publication
+/// and state (the whole state schema, this being its only migration) but keeps that table
+/// and its rows.
+#[test]
+fn setup_ddl_waits_out_a_lock_and_abort_keeps_a_table_it_did_not_create() {
+    let (c, db) = testpg::fresh_db("engine_ddl_lock").unwrap();
+    setup(c, &db, 1000);
+    c.psql(&db, common::ORDERS_TARGET).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("ddl_lock.toml");
+    let text = common::orders_spec(
+        "ddl_lock",
+        &c.url(&db),
+        "[copy]\nchunk_rows = 250\n[throttle]\nlock_timeout_ms = 150\n",
+    );
+    // No [target].create: migrate into the existing table.
+    let start = text.find("create = \"\"\"").unwrap();
+    let end = start + text[start + 12..].find("\"\"\"").unwrap() + 15;
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    assert!(!text.contains("create ="), "{text}");
+    std::fs::write(&spec, text).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let locker = rt.block_on(async {
+        let client = c.client(&db).await.unwrap();
+        client
+            .batch_execute("BEGIN; LOCK TABLE public.orders IN SHARE UPDATE EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        client
+    });
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    wait_logged(&log, 30, "DDL waited longer than lock_timeout");
+    // The lock is the only thing in the way: reads of the source go on, no publication yet.
+    assert_eq!(c.psql(&db, "SELECT count(*) FROM orders").unwrap(), "1000");
+    assert_eq!(
+        c.psql(&db, "SELECT count(*) FROM pg_publication").unwrap(),
+        "0"
+    );
+    rt.block_on(locker.batch_execute("ROLLBACK")).unwrap();
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(60)),
+        "run did not go on once the lock was released:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+
+    let out = shadowmig(&["abort", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()) \
+             || '|' || (SELECT count(*) FROM pg_publication) \
+             || '|' || (to_regnamespace('shadowmig') IS NULL) \
+             || '|' || (SELECT count(*) FROM public.orders_v2)"
+        )
+        .unwrap(),
+        "0|0|true|1000",
+        "abort must drop what run made and keep the user's table:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
