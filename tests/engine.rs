@@ -2488,3 +2488,73 @@ fn the_backfill_takes_no_row_locks_and_holds_no_snapshot_between_chunks() {
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
 }
+
+/// The seed guide's `currency` "filled with a default": the target column has a DEFAULT and
+/// no `[transform]`; `plan` accepts it (saying the default fills it) and both the backfill and
+/// streamed inserts — including rows moved between partitions by a key change — get it.
+#[test]
+fn a_target_column_left_to_its_default_is_filled_by_backfill_and_stream() {
+    let (c, db) = testpg::fresh_db("engine_default_fill").unwrap();
+    setup(c, &db, 3000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("default_fill.toml");
+    let text = common::orders_spec(
+        "default_fill",
+        &c.url(&db),
+        "[copy]\nchunk_rows = 300\nworkers = 2\n",
+    );
+    let text = text
+        .replacen(
+            "currency text NOT NULL,",
+            "currency text NOT NULL DEFAULT 'EUR',",
+            1,
+        )
+        .replacen("currency = \"'USD'\"\n", "", 1);
+    assert!(
+        text.contains("DEFAULT 'EUR'") && !text.contains("'USD'"),
+        "{text}"
+    );
+    std::fs::write(&spec, text).unwrap();
+    let plan = shadowmig(&["plan", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::assert_ok(&plan);
+    assert!(
+        String::from_utf8_lossy(&plan.stdout).contains("its default"),
+        "{}",
+        String::from_utf8_lossy(&plan.stdout)
+    );
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = c.url(&db);
+    let stats = rt.block_on(async move {
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        common::orders_workload(&mut client, 17, Arc::new(AtomicBool::new(false)), 300).await
+    });
+    assert!(stats.committed > 50, "workload too small: {stats:?}");
+    let expected = common::ORDERS_EXPECTED.replace("'USD'", "'EUR'");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (missing, extra) = loop {
+        let d = common::try_diff(c, &db, &expected, common::ORDERS_ACTUAL);
+        match d {
+            Some((m, e)) if m.is_empty() && e.is_empty() => break (m, e),
+            Some(d) if Instant::now() > deadline => break d,
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing: {missing:#?}\nextra: {extra:#?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        c.psql(&db, "SELECT count(*) FROM orders").unwrap(),
+        c.psql(&db, "SELECT count(*) FROM orders_v2 WHERE currency = 'EUR'")
+            .unwrap()
+    );
+    assert_eq!(sigterm(&mut child).code(), Some(0));
+}
