@@ -2558,3 +2558,56 @@ fn a_target_column_left_to_its_default_is_filled_by_backfill_and_stream() {
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
 }
+
+/// A TRUNCATE of the source while the backfill is copying: `run` pauses (exit 3) saying what
+/// happened and what to do, a second `run` pauses at the same place instead of going on into
+/// a half-copied table, and `abort` leaves nothing behind.
+#[test]
+fn source_truncate_during_the_backfill_pauses_every_run_until_abort() {
+    let (c, db) = testpg::fresh_db("engine_truncate_backfill").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "trunc_backfill", &c.url(&db), 100);
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&spec, &log);
+    wait_backfill_started(&spec);
+    c.psql(&db, "TRUNCATE orders").unwrap();
+    let st = wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+        panic!(
+            "run did not pause:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert_eq!(st.code(), Some(3));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("TRUNCATEd") && text.contains("shadowmig abort"),
+        "{text}"
+    );
+    let out = common::output_within(
+        shadowmig(&["run", spec.to_str().unwrap(), "--exit-when-caught-up"]),
+        CATCH_UP_LIMIT,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a second run must pause at the TRUNCATE again:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status_json(&spec)["stage"], "paused");
+    common::assert_ok(
+        &shadowmig(&["abort", spec.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()) \
+             || '|' || (SELECT count(*) FROM pg_publication) \
+             || '|' || (to_regclass('public.orders_v2') IS NULL)"
+        )
+        .unwrap(),
+        "0|0|true"
+    );
+}
