@@ -62,9 +62,32 @@ fn bin() -> PathBuf {
 struct Bench {
     c: TestCluster,
     dir: tempfile::TempDir,
+    cfg: ClusterConfig,
+    /// A second server, started the first time a mode needs it ("… other server"): the
+    /// shadow table on a server of its own, whose WAL is not the source's.
+    other: std::sync::OnceLock<Box<Bench>>,
 }
 
 impl Bench {
+    fn new(cfg: &ClusterConfig, dir: tempfile::TempDir) -> Bench {
+        Bench {
+            c: TestCluster::start(cfg).expect("start cluster"),
+            dir,
+            cfg: cfg.clone(),
+            other: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The second server, on this machine like the first (same cores, same disk).
+    fn other_server(&self) -> &Bench {
+        self.other.get_or_init(|| {
+            let dir = tempfile::tempdir_in(self.dir.path()).expect("temp dir");
+            let b = Bench::new(&self.cfg, dir);
+            println!("  (second server at port {})", b.c.port());
+            Box::new(b)
+        })
+    }
+
     fn psql(&self, db: &str, sql: &str) -> String {
         match self.c.psql(db, sql) {
             Ok(s) => s.trim().to_string(),
@@ -154,8 +177,22 @@ impl Bench {
         chunk_rows: u64,
         defer: bool,
     ) -> PathBuf {
-        let target_url = target_db
-            .map(|t| format!("url = \"{}\"\n", self.c.url(t)))
+        let url = target_db.map(|t| self.c.url(t));
+        self.write_spec_to(name, db, url, workers, chunk_rows, defer)
+    }
+
+    /// [`Bench::write_spec`] with the shadow table at `target_url` (any server).
+    fn write_spec_to(
+        &self,
+        name: &str,
+        db: &str,
+        target_url: Option<String>,
+        workers: u32,
+        chunk_rows: u64,
+        defer: bool,
+    ) -> PathBuf {
+        let target_url = target_url
+            .map(|u| format!("url = \"{u}\"\n"))
             .unwrap_or_default();
         let spec = format!(
             r#"name = "{name}"
@@ -264,6 +301,19 @@ max_lag_bytes = {max_lag}
     /// Publication + slot on `src`, subscription in `dst` (slot made beforehand: creating it
     /// from CREATE SUBSCRIPTION in the same cluster would wait for itself).
     fn native_subscribe(&self, src: &str, dst: &str, name: &str, copy_data: bool, enabled: bool) {
+        self.native_subscribe_on(self, src, dst, name, copy_data, enabled)
+    }
+
+    /// [`Bench::native_subscribe`] with the subscription in `dst` on the server of `on`.
+    fn native_subscribe_on(
+        &self,
+        on: &Bench,
+        src: &str,
+        dst: &str,
+        name: &str,
+        copy_data: bool,
+        enabled: bool,
+    ) {
         self.psql(
             src,
             &format!("CREATE PUBLICATION {name} FOR TABLE public.orders"),
@@ -272,7 +322,7 @@ max_lag_bytes = {max_lag}
             src,
             &format!("SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"),
         );
-        self.psql(
+        on.psql(
             dst,
             &format!(
                 "CREATE SUBSCRIPTION {name} CONNECTION '{}' PUBLICATION {name} \
@@ -331,7 +381,12 @@ max_lag_bytes = {max_lag}
     }
 
     fn native_disable(&self, src: &str, dst: &str, name: &str) {
-        self.psql(dst, &format!("ALTER SUBSCRIPTION {name} DISABLE"));
+        self.native_disable_on(self, src, dst, name)
+    }
+
+    /// [`Bench::native_disable`] of a subscription on the server of `on`.
+    fn native_disable_on(&self, on: &Bench, src: &str, dst: &str, name: &str) {
+        on.psql(dst, &format!("ALTER SUBSCRIPTION {name} DISABLE"));
         // The slot must be free again before the next phase starts from it.
         loop {
             let active = self.psql(
@@ -346,8 +401,13 @@ max_lag_bytes = {max_lag}
     }
 
     fn native_drop(&self, src: &str, dst: &str, name: &str) {
-        self.native_disable(src, dst, name);
-        self.psql(
+        self.native_drop_on(self, src, dst, name)
+    }
+
+    /// [`Bench::native_drop`] of a subscription on the server of `on`.
+    fn native_drop_on(&self, on: &Bench, src: &str, dst: &str, name: &str) {
+        self.native_disable_on(on, src, dst, name);
+        on.psql(
             dst,
             &format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE); DROP SUBSCRIPTION {name}"),
         );
@@ -1244,6 +1304,9 @@ fn pgbench(b: &Bench) {
     // the floor any logical consumer sits on (the walsender's decoding and sending).
     // "shadowmig other db": the shadow table in another database of the cluster, as native
     // replication's target is.
+    // "… other server": the shadow table (or the subscriber) on a second server of this
+    // machine, so the source's WAL carries none of the second write (not in the default set:
+    // the cutover of a shadow table elsewhere needs the proxy to route across servers).
     // BENCH_PGBENCH_MODES picks some of them (comma-separated), e.g. for a profile.
     let all_modes = [
         "alone",
@@ -1252,11 +1315,19 @@ fn pgbench(b: &Bench) {
         "shadowmig other db",
         "trigger",
         "native",
+        "shadowmig other server",
+        "native other server",
     ];
     let picked = std::env::var("BENCH_PGBENCH_MODES").unwrap_or_default();
     let modes_fwd: Vec<&str> = all_modes
         .into_iter()
-        .filter(|m| picked.is_empty() || picked.split(',').any(|p| p.trim() == *m))
+        .filter(|m| {
+            if picked.is_empty() {
+                !m.ends_with("other server")
+            } else {
+                picked.split(',').any(|p| p.trim() == *m)
+            }
+        })
         .collect();
     let mut round = 0;
     for rep in 0..reps {
@@ -1276,19 +1347,25 @@ fn pgbench(b: &Bench) {
                     println!("  alone: {tps:.0} tps (load {load})\n    {cpu}");
                     results.push((mode, tps, load));
                 }
-                "shadowmig" | "shadowmig other db" => {
+                "shadowmig" | "shadowmig other db" | "shadowmig other server" => {
+                    // The bench of the server that holds the shadow table.
+                    let tb = if mode == "shadowmig other server" {
+                        b.other_server()
+                    } else {
+                        b
+                    };
                     let tdb = if mode == "shadowmig" {
                         db.clone()
                     } else {
-                        b.c.create_database("pb_other").expect("database")
+                        tb.c.create_database("pb_other").expect("database")
                     };
-                    let other = (tdb != db).then_some(tdb.as_str());
-                    let spec = b.write_spec(&format!("pb{round}"), &db, other, 2, 50_000, false);
+                    let url = (mode != "shadowmig").then(|| tb.c.url(&tdb));
+                    let spec = b.write_spec_to(&format!("pb{round}"), &db, url, 2, 50_000, false);
                     let log = b.dir.path().join(format!("pb{round}.log"));
                     let w = spawn_run(&spec, &log, false, "info");
                     let deadline = Instant::now() + Duration::from_secs(1800);
                     loop {
-                        let caught = b.c.psql(
+                        let caught = tb.c.psql(
                             &tdb,
                             &format!("SELECT caught_up_at IS NOT NULL FROM shadowmig.migrations WHERE name = 'pb{round}'"),
                         );
@@ -1299,11 +1376,11 @@ fn pgbench(b: &Bench) {
                         std::thread::sleep(Duration::from_millis(200));
                     }
                     let load = loadavg();
-                    b.stmts_reset(&tdb);
+                    tb.stmts_reset(&tdb);
                     renice_consumers(b, &[w.pid]);
                     let (tps, cpu) =
                         pgbench_profiled(b, &db, &script, secs, &[("shadowmig", w.pid)]);
-                    b.stmts_report(&tdb);
+                    tb.stmts_report(&tdb);
                     let t = Instant::now();
                     // A marker transaction after the load: its commit is past `lsn`, and
                     // shadowmig's progress row holds the commit LSN of what it applied.
@@ -1313,7 +1390,7 @@ fn pgbench(b: &Bench) {
                         "UPDATE public.orders SET status = 'marker' WHERE id = 1",
                     );
                     poll_until_true(
-                        b,
+                        tb,
                         &tdb,
                         &format!("SELECT coalesce(bool_or(lsn >= '{lsn}'), false) FROM shadowmig.progress WHERE migration = 'pb{round}'"),
                     );
@@ -1334,11 +1411,11 @@ fn pgbench(b: &Bench) {
                     expect_equal(
                         &format!("{mode} under pgbench"),
                         &b.checksum(&db, common::ORDERS_EXPECTED),
-                        &b.checksum(&tdb, common::ORDERS_ACTUAL),
+                        &tb.checksum(&tdb, common::ORDERS_ACTUAL),
                     );
                     b.abort(&spec);
                     if tdb != db {
-                        b.psql("postgres", &format!("DROP DATABASE \"{tdb}\""));
+                        tb.psql("postgres", &format!("DROP DATABASE \"{tdb}\""));
                     }
                     results.push((mode, tps, load));
                 }
@@ -1404,10 +1481,15 @@ fn pgbench(b: &Bench) {
                     b.psql(&db, "DROP TABLE public.orders_v2");
                     results.push((mode, tps, load));
                 }
-                "native" => {
-                    let ndb = b.make_native_target("pb_native");
-                    b.native_subscribe(&db, &ndb, "pb_native", true, true);
-                    b.native_wait_ready(&ndb, "pb_native");
+                "native" | "native other server" => {
+                    let nb = if mode == "native" {
+                        b
+                    } else {
+                        b.other_server()
+                    };
+                    let ndb = nb.make_native_target("pb_native");
+                    b.native_subscribe_on(nb, &db, &ndb, "pb_native", true, true);
+                    nb.native_wait_ready(&ndb, "pb_native");
                     let now = b.lsn(&db);
                     b.native_wait_lsn(&ndb, "pb_native", &now);
                     b.checkpoint(&db);
@@ -1419,15 +1501,15 @@ fn pgbench(b: &Bench) {
                     b.native_wait_lsn(&ndb, "pb_native", &end);
                     let lag = t.elapsed().as_secs_f64();
                     println!(
-                        "  native logical replication: {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped\n    {cpu}"
+                        "  {mode} (native logical replication): {tps:.0} tps (load {load}); caught up {lag:.2} s after the load stopped\n    {cpu}"
                     );
                     expect_equal(
                         "native under pgbench",
                         &b.checksum(&db, common::ORDERS_EXPECTED),
-                        &b.checksum(&ndb, EXPECTED_NATIVE),
+                        &nb.checksum(&ndb, EXPECTED_NATIVE),
                     );
-                    b.native_drop(&db, &ndb, "pb_native");
-                    b.psql("postgres", &format!("DROP DATABASE \"{ndb}\""));
+                    b.native_drop_on(nb, &db, &ndb, "pb_native");
+                    nb.psql("postgres", &format!("DROP DATABASE \"{ndb}\""));
                     results.push((mode, tps, load));
                 }
                 _ => unreachable!(),
@@ -1477,7 +1559,6 @@ fn main() {
             cfg = cfg.setting(k, v);
         }
     }
-    let c = TestCluster::start(&cfg).expect("start cluster");
     // BENCH_LOG_DIR keeps the specs and `run` logs (otherwise a temp dir removed at exit).
     let dir = match std::env::var("BENCH_LOG_DIR") {
         Ok(d) => {
@@ -1491,7 +1572,7 @@ fn main() {
         }
         Err(_) => tempfile::tempdir().expect("temp dir"),
     };
-    let b = Bench { c, dir };
+    let b = Bench::new(&cfg, dir);
     println!("logs in {}", b.dir.path().display());
     println!(
         "engine bench: PostgreSQL at port {}, durable (fsync on), binary {} (load {})",

@@ -863,25 +863,10 @@ fn a_source_restart_during_streaming_is_survived() {
     let spec = write_spec(&dir, "restart_mid", &c.url(&db), 200);
     let log = dir.path().join("run.log");
     let mut child = spawn_caught_up(&c, &db, &spec, &log, 60);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (url, stop2) = (c.url(&db), stop.clone());
-    let workload = rt.spawn(async move {
-        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        common::orders_workload(&mut client, 77, stop2, 300).await
-    });
+    let workload = common::Workload::start(&c.url(&db), 77, 300);
     std::thread::sleep(Duration::from_millis(800));
-    if let Err(e) = c.restart_fast() {
-        panic!(
-            "restart failed: {e}\nrun log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _ = rt.block_on(workload);
+    restart(&c, &log);
+    let _ = workload.finish();
     // More writes after the restart, on a new connection.
     c.psql(
         &db,
@@ -2011,6 +1996,16 @@ fn wait_logged(log: &Path, secs: u64, text: &str) {
     }
 }
 
+/// `pg_ctl restart -m fast` of `c`, or a panic with the run's log.
+fn restart(c: &TestCluster, log: &Path) {
+    if let Err(e) = c.restart_fast() {
+        panic!(
+            "restart failed: {e}\nrun log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
 /// Polls `cond` every 100 ms for up to `secs` seconds; panics with `what` when it stays false.
 fn poll_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -2221,41 +2216,18 @@ fn a_target_server_restart_during_backfill_and_streaming_is_survived() {
     let mut child = spawn_run(&spec, &log);
     // Once during the backfill (the chunk writers lose their connections too)…
     wait_backfill_started(&spec);
-    if let Err(e) = t.restart_fast() {
-        panic!(
-            "target restart failed: {e}\nrun log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
+    restart(&t, &log);
     assert!(
         equal_within(90),
         "run did not finish the backfill after a target restart:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (url, stop2) = (c.url(&db), stop.clone());
-    let workload = rt.spawn(async move {
-        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        common::orders_workload(&mut client, 91, stop2, 400).await
-    });
+    let workload = common::Workload::start(&c.url(&db), 91, 400);
     // …and once while streaming.
     std::thread::sleep(Duration::from_millis(800));
-    if let Err(e) = t.restart_fast() {
-        panic!(
-            "target restart failed: {e}\nrun log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
+    restart(&t, &log);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let stats = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(60), workload).await })
-        .expect("the source workload did not stop within a minute")
-        .unwrap();
+    let stats = workload.finish();
     assert!(stats.committed > 20, "workload too small: {stats:?}");
     c.psql(
         &db,
@@ -2290,16 +2262,7 @@ fn sigint_mid_load_commits_confirms_and_exits_0() {
     let spec = write_spec(&dir, "sigint_mig", &c.url(&db), 500);
     let log = dir.path().join("run.log");
     let mut child = spawn_caught_up(c, &db, &spec, &log, 60);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (url, stop2) = (c.url(&db), stop.clone());
-    let workload = rt.spawn(async move {
-        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        common::orders_workload(&mut client, 5, stop2, 100_000).await
-    });
+    let workload = common::Workload::start(&c.url(&db), 5, 100_000);
     std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: signalling our own child.
     unsafe {
@@ -2333,11 +2296,7 @@ fn sigint_mid_load_commits_confirms_and_exits_0() {
     );
     // The load goes on while nothing runs, then the next run catches up on all of it.
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let stats = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(60), workload).await })
-        .expect("the workload did not stop within a minute")
-        .unwrap();
+    let stats = workload.finish();
     assert!(stats.committed > 20, "workload too small: {stats:?}");
     run_to_catch_up(&spec);
     common::assert_orders_equal(c, &db);
@@ -2526,15 +2485,7 @@ fn a_target_column_left_to_its_default_is_filled_by_backfill_and_stream() {
     );
     let log = dir.path().join("run.log");
     let mut child = spawn_run(&spec, &log);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = c.url(&db);
-    let stats = rt.block_on(async move {
-        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        common::orders_workload(&mut client, 17, Arc::new(AtomicBool::new(false)), 300).await
-    });
+    let stats = common::Workload::start(&c.url(&db), 17, 300).join(120);
     assert!(stats.committed > 50, "workload too small: {stats:?}");
     let expected = common::ORDERS_EXPECTED.replace("'USD'", "'EUR'");
     let deadline = Instant::now() + Duration::from_secs(90);

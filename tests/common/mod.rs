@@ -233,6 +233,46 @@ pub async fn orders_workload(
     stats
 }
 
+/// An [`orders_workload`] running on a runtime of its own while the test goes on.
+pub struct Workload {
+    rt: tokio::runtime::Runtime,
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<WorkloadStats>,
+}
+
+impl Workload {
+    /// Starts the workload on `url` with `seed`, for at most `max_txns` transactions.
+    pub fn start(url: &str, seed: u64, max_txns: u64) -> Workload {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, stop2) = (url.to_string(), stop.clone());
+        let handle = rt.spawn(async move {
+            let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            orders_workload(&mut client, seed, stop2, max_txns).await
+        });
+        Workload { rt, stop, handle }
+    }
+
+    /// Stops it and waits for it (a minute at most: a workload stuck on a lock fails the
+    /// test with that message instead of hanging it).
+    pub fn finish(self) -> WorkloadStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.join(60)
+    }
+
+    /// Waits (at most `secs`) for it to run its `max_txns` transactions.
+    pub fn join(self, secs: u64) -> WorkloadStats {
+        let h = self.handle;
+        self.rt
+            .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(secs), h).await })
+            .unwrap_or_else(|_| panic!("the workload did not stop within {secs} s"))
+            .unwrap()
+    }
+}
+
 /// `shadowmig ARGS` as a child process, logging at info unless told otherwise.
 pub fn shadowmig(args: &[&str]) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_shadowmig"));
