@@ -2562,3 +2562,75 @@ fn source_truncate_during_the_backfill_pauses_every_run_until_abort() {
         "0|0|true"
     );
 }
+
+/// Updates that leave a TOASTed column unchanged, to rows the backfill has not copied yet:
+/// the stream carries no value for that column, so the rows are re-read from the source by
+/// key (never written with a guessed or empty value). Here the backfill is held (a WAL
+/// limit of 1 byte) while it happens, and the rows reach the target whole anyway.
+#[test]
+fn unchanged_toast_for_rows_not_yet_copied_is_reread_by_key() {
+    let (c, db) = testpg::fresh_db("engine_toast_reread").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("toast_reread.toml");
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            "toast_reread",
+            &c.url(&db),
+            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_lag_bytes = 1\n",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = KillOnDrop(spawn_run(&spec, &log));
+    wait_logged(&log, 60, "backfill throttled: the slot holds");
+    assert_copy_held(&spec);
+    // Rows with a TOASTed note that the target does not have yet.
+    let ids = c
+        .psql(
+            &db,
+            "SELECT string_agg(id::text, ',') FROM (SELECT id FROM orders o WHERE length(note) > 2000 \
+             AND NOT EXISTS (SELECT 1 FROM orders_v2 v WHERE v.id = o.id) ORDER BY id DESC LIMIT 40) x",
+        )
+        .unwrap();
+    assert_eq!(ids.split(',').count(), 40, "{ids}");
+    c.psql(
+        &db,
+        &format!("UPDATE orders SET status = 'toast-kept' WHERE id IN ({ids})"),
+    )
+    .unwrap();
+    let expected = format!("{} WHERE id IN ({ids})", common::ORDERS_EXPECTED);
+    let actual = format!("{} WHERE id IN ({ids})", common::ORDERS_ACTUAL);
+    poll_until(
+        60,
+        "the updated rows to be re-read into the target",
+        || matches!(common::try_diff(c, &db, &expected, &actual), Some((m, e)) if m.is_empty() && e.is_empty()),
+    );
+    assert_eq!(
+        c.psql(
+            &db,
+            &format!("SELECT count(*) FROM orders_v2 WHERE id IN ({ids}) AND length(note) > 2000 AND status = 'toast-kept'")
+        )
+        .unwrap(),
+        "40"
+    );
+    assert_copy_held(&spec);
+    common::assert_ok(
+        &shadowmig(&[
+            "throttle",
+            spec.to_str().unwrap(),
+            "--max-lag-bytes",
+            "100000000000",
+        ])
+        .output()
+        .unwrap(),
+    );
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(90)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    abort_ok(&spec);
+}
