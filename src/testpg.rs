@@ -204,8 +204,8 @@ impl TestCluster {
         let mut conf = String::from(
             "listen_addresses = '127.0.0.1'\n\
              wal_level = logical\n\
-             max_wal_senders = 20\n\
-             max_replication_slots = 20\n\
+             max_wal_senders = 64\n\
+             max_replication_slots = 64\n\
              max_connections = 200\n\
              shared_buffers = '128MB'\n\
              logging_collector = off\n\

@@ -2247,6 +2247,7 @@ fn a_target_server_restart_during_backfill_and_streaming_is_survived() {
     assert_eq!(sigterm(&mut child).code(), Some(0));
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("reconnecting"), "{log}");
+    abort_ok(&spec);
 }
 
 /// SIGINT (Ctrl-C) in the middle of a write load: `run` finishes the batch, commits it,
@@ -2300,6 +2301,7 @@ fn sigint_mid_load_commits_confirms_and_exits_0() {
     assert!(stats.committed > 20, "workload too small: {stats:?}");
     run_to_catch_up(&spec);
     common::assert_orders_equal(c, &db);
+    abort_ok(&spec);
 }
 
 /// Set-up DDL never queues behind a lock: while another session holds a lock that conflicts
@@ -2446,6 +2448,7 @@ fn the_backfill_takes_no_row_locks_and_holds_no_snapshot_between_chunks() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
+    abort_ok(&spec);
 }
 
 /// The seed guide's `currency` "filled with a default": the target column has a DEFAULT and
@@ -2508,6 +2511,7 @@ fn a_target_column_left_to_its_default_is_filled_by_backfill_and_stream() {
             .unwrap()
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
+    abort_ok(&spec);
 }
 
 /// A TRUNCATE of the source while the backfill is copying: `run` pauses (exit 3) saying what
