@@ -202,6 +202,22 @@ fn pg_err(what: &str, e: tokio_postgres::Error) -> RunError {
     }
 }
 
+/// Maps a failed START_REPLICATION. The slot "is active for PID …" (55006) right after this
+/// migration's previous process died: its walsender has not yet noticed the client is gone
+/// (this process holds the migration's writer lock, so no other live `run` of it has the
+/// slot). That is retried with backoff like a lost connection; were it another consumer of
+/// the slot, the warnings say so each time and nothing is applied meanwhile.
+fn start_err(slot: &str, e: ReplicationError) -> RunError {
+    if e.sqlstate() == Some("55006") {
+        return RunError::Connection(format!(
+            "starting replication: {e}; the slot {slot} is still held by the walsender of an earlier connection \
+             (a run that was killed, whose walsender has not yet noticed), or by another consumer of this slot \
+             (stop it: pg_stat_replication shows it)"
+        ));
+    }
+    repl_err("starting replication", e)
+}
+
 fn repl_err(what: &str, e: ReplicationError) -> RunError {
     if e.is_connection_lost()
         || matches!(
@@ -680,9 +696,10 @@ const DDL_ATTEMPTS: u32 = 10;
 /// The first words of a DDL statement, to say which one could not take its lock (the
 /// target's `create` may be long; it never holds secrets, unlike connection strings).
 fn ddl_head(sql: &str) -> String {
-    let words: Vec<&str> = sql.split_whitespace().take(6).collect();
+    let first = sql.split(';').next().unwrap_or_default();
+    let words: Vec<&str> = first.split_whitespace().collect();
     let head = words.join(" ");
-    let head = head.split(';').next().unwrap_or_default();
+    let head: String = head.chars().take(80).collect();
     format!("`{head}…`")
 }
 
@@ -693,8 +710,19 @@ pub async fn ddl_with_retries(
     sql: &str,
     lock_timeout_ms: u64,
 ) -> Result<(), RunError> {
+    ddl_with_attempts(client, sql, lock_timeout_ms, DDL_ATTEMPTS).await
+}
+
+/// [`ddl_with_retries`] with at most `attempts` tries (at least one).
+pub async fn ddl_with_attempts(
+    client: &Client,
+    sql: &str,
+    lock_timeout_ms: u64,
+    attempts: u32,
+) -> Result<(), RunError> {
+    let attempts = attempts.max(1);
     let mut wait = Duration::from_millis(200);
-    for attempt in 1..=DDL_ATTEMPTS {
+    for attempt in 1..=attempts {
         let r = client
             .batch_execute(&format!(
                 "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; {sql}; COMMIT;"
@@ -711,9 +739,9 @@ pub async fn ddl_with_retries(
                 if !lock {
                     return Err(pg_err("running DDL", e));
                 }
-                if attempt == DDL_ATTEMPTS {
+                if attempt == attempts {
                     return Err(RunError::Setup(format!(
-                        "{} could not take its lock within lock_timeout ({lock_timeout_ms} ms) in {DDL_ATTEMPTS} tries over about a minute: \
+                        "{} could not take its lock within lock_timeout ({lock_timeout_ms} ms) in {attempts} tries: \
                          another session holds a conflicting lock on the table (find it in pg_locks joined to pg_stat_activity); \
                          run again once it is released, or raise [throttle] lock_timeout_ms. Nothing was changed by this statement",
                         ddl_head(sql)
@@ -1795,7 +1823,7 @@ async fn run_once(
                 .channel_capacity(65_536),
         )
         .await
-        .map_err(|e| repl_err("starting replication", e))?;
+        .map_err(|e| start_err(&spec.slot_name(), e))?;
     tracing::info!(from = %committed.unwrap_or(Lsn::ZERO), rows_copied = copy_state.rows_copied, copy_done = copy_state.done, streaming, "streaming changes");
 
     // Per-process epoch: watermarks left in the WAL by an earlier process are ignored.
@@ -3220,6 +3248,8 @@ mod tests {
             "`ALTER TABLE a ADD b int…`"
         );
         assert_eq!(ddl_head(""), "`…`");
+        let long = format!("CREATE TABLE \"ü\" ({})", "c int, ".repeat(40));
+        assert_eq!(ddl_head(&long).chars().count(), 83);
     }
 
     #[test]

@@ -2638,3 +2638,124 @@ fn unchanged_toast_for_rows_not_yet_copied_is_reread_by_key() {
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
     abort_ok(&spec);
 }
+
+/// DDL whose lock is never granted gives up after its tries with a message that names the
+/// statement and says what to do, and changes nothing (the statement's transaction is rolled
+/// back); a DDL that is not refused a lock fails at once with the server's reason.
+#[test]
+fn ddl_refused_its_lock_gives_up_with_the_statement_and_the_fix() {
+    let (c, db) = testpg::fresh_db("engine_ddl_give_up").unwrap();
+    setup(c, &db, 10);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let locker = c.client(&db).await.unwrap();
+        locker
+            .batch_execute("BEGIN; LOCK TABLE public.orders IN SHARE UPDATE EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let client = c.client(&db).await.unwrap();
+        let t = Instant::now();
+        let err = shadowmig::run::ddl_with_attempts(
+            &client,
+            "CREATE PUBLICATION \"never made\" FOR TABLE public.orders",
+            100,
+            2,
+        )
+        .await
+        .expect_err("the lock is held: the DDL must give up");
+        let msg = err.to_string();
+        for part in [
+            "`CREATE PUBLICATION \"never made\" FOR TABLE public.orders…`",
+            "lock_timeout (100 ms) in 2 tries",
+            "pg_locks",
+            "lock_timeout_ms",
+        ] {
+            assert!(msg.contains(part), "{part:?} missing from: {msg}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        // The session is usable again and nothing was created.
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM pg_publication", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+        locker.batch_execute("ROLLBACK").await.unwrap();
+        let err =
+            shadowmig::run::ddl_with_attempts(&client, "ALTER TABLE public.nope ADD x int", 100, 5)
+                .await
+                .expect_err("no such table");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    });
+}
+
+/// The slot still held when `run` starts — as by the walsender of a run killed a moment ago,
+/// which has not yet noticed its client is gone (seen in the crash soak), here by another
+/// consumer: `run` does not fail; it says what holds the slot and retries with backoff,
+/// then streams once the slot is free.
+#[test]
+fn a_slot_still_held_when_run_starts_is_waited_for() {
+    let (c, db) = testpg::fresh_db("engine_slot_held").unwrap();
+    setup(c, &db, 500);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "slot_held", &c.url(&db), 250);
+    run_to_catch_up(&spec);
+    let mut holder = std::process::Command::new(c.bindir().join("pg_recvlogical"))
+        .args([
+            "-h",
+            c.host(),
+            "-p",
+            &c.port().to_string(),
+            "-U",
+            c.superuser(),
+            "-d",
+            &db,
+            "-S",
+            "shadowmig_slot_held",
+            "--start",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=shadowmig_slot_held",
+            "-f",
+            "/dev/null",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    poll_until(30, "pg_recvlogical to hold the slot", || {
+        c.psql(
+            &db,
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'shadowmig_slot_held'",
+        )
+        .unwrap_or_default()
+            == "t"
+    });
+    c.psql(
+        &db,
+        "UPDATE orders SET status = 'while-held' WHERE id <= 50",
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = KillOnDrop(spawn_run(&spec, &log));
+    wait_logged(
+        &log,
+        30,
+        "is still held by the walsender of an earlier connection",
+    );
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "run must wait for the slot, not exit:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(60)),
+        "run did not stream once the slot was free:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    abort_ok(&spec);
+}
