@@ -1870,14 +1870,12 @@ async fn run_once(
     )));
     let mut next_keys_id = KEYS_ID_BASE;
     let mut pending_keys: BTreeSet<u64> = BTreeSet::new();
-    if !pending_rereads.is_empty() {
-        next_keys_id += 1;
-        pending_keys.insert(next_keys_id);
-        let _ = job_tx.send(Job::Keys {
-            id: next_keys_id,
-            keys: pending_rereads,
-        });
-    }
+    send_rereads(
+        &job_tx,
+        &mut next_keys_id,
+        &mut pending_keys,
+        pending_rereads,
+    );
 
     let batch = writer
         .new_batch()
@@ -2085,14 +2083,12 @@ async fn run_once(
                 "progress"
             );
         }
-        for k in std::mem::take(&mut ap.new_rereads).chunks(1000) {
-            next_keys_id += 1;
-            pending_keys.insert(next_keys_id);
-            let _ = job_tx.send(Job::Keys {
-                id: next_keys_id,
-                keys: k.to_vec(),
-            });
-        }
+        send_rereads(
+            &job_tx,
+            &mut next_keys_id,
+            &mut pending_keys,
+            std::mem::take(&mut ap.new_rereads),
+        );
         // While the read-ahead holds events, take them directly: the select below (a timer,
         // a watch and a channel polled per message) cost more than decoding a change. Every
         // 64th event goes through it anyway, so chunks and shutdown are never starved.
@@ -2789,6 +2785,28 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Hands `keys` to the copier to be re-read, as jobs of at most [`REREAD_KEYS`] keys (what one
+/// re-read statement takes), each tracked in `pending` until its rows are applied. Every
+/// re-read goes through here: a job of more keys would be refused by the copier on every try.
+fn send_rereads(
+    job_tx: &mpsc::UnboundedSender<Job>,
+    next_id: &mut u64,
+    pending: &mut BTreeSet<u64>,
+    keys: Vec<KeyValue>,
+) {
+    for k in keys.chunks(REREAD_KEYS) {
+        *next_id += 1;
+        pending.insert(*next_id);
+        let _ = job_tx.send(Job::Keys {
+            id: *next_id,
+            keys: k.to_vec(),
+        });
+    }
+}
+
+/// Keys per re-read job ([`crate::copy::CopySource::read_keys`] takes at most 1,000).
+const REREAD_KEYS: usize = 1000;
+
 /// The key of a change's tuple when a watermark window needs it (`track`); otherwise only
 /// checks that the tuple has it, without building it (once per streamed change).
 fn tracked_key(p: &Prepared, track: bool, t: &TupleData) -> Result<Option<KeyValue>, RunError> {
@@ -2907,7 +2925,7 @@ async fn pause(
     let spec = ap.spec;
     let queued = queued_rereads(ap.tgt().await?, &spec.name).await?;
     let prepared = ap.prepared_arc.clone();
-    for keys in queued.chunks(1000) {
+    for keys in queued.chunks(REREAD_KEYS) {
         let chunk = match prepared.copy_source.read_keys(src, keys).await {
             Ok(c) => c,
             Err(crate::copy::CopyError::ShapeChanged(e)) => {

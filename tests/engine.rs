@@ -2759,3 +2759,125 @@ fn a_slot_still_held_when_run_starts_is_waited_for() {
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
     abort_ok(&spec);
 }
+
+/// More than one re-read statement's worth (1,000) of rows queued for a re-read when `run`
+/// is killed: the next run takes them from the state in the target in parts — their rows
+/// arrive while the backfill is still held, so only the re-reads can have brought them — and
+/// finishes with the queue empty.
+/// (Found by the crash soak: the queue was handed over as one job, which the copier refused
+/// on every try, and the run never caught up.) The queue is built as in
+/// [`unchanged_toast_for_rows_not_yet_copied_is_reread_by_key`], with the source locked
+/// right after the updates so that nothing is re-read before the kill.
+#[test]
+fn a_queue_of_more_than_1000_rereads_survives_kill_9() {
+    let (c, db) = testpg::fresh_db("engine_many_rereads").unwrap();
+    setup(c, &db, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("many_rereads.toml");
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            "many_rereads",
+            &c.url(&db),
+            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_lag_bytes = 1\n",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    // Rows handed to apply (not the bulk path): its re-reads go one statement per job.
+    let row_path = [("SHADOWMIG_BULK_COPY", "0")];
+    let mut child = KillOnDrop(common::spawn_run_env(&spec, &log, "info", &row_path));
+    wait_logged(&log, 60, "backfill throttled: the slot holds");
+    assert_copy_held(&spec);
+    let lacking = "SELECT id FROM orders o WHERE length(note) > 2000 \
+                   AND NOT EXISTS (SELECT 1 FROM orders_v2 v WHERE v.id = o.id) ORDER BY id DESC LIMIT 1200";
+    assert_eq!(
+        c.psql(&db, &format!("SELECT count(*) FROM ({lacking}) x"))
+            .unwrap(),
+        "1200"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let locker = rt.block_on(async {
+        let client = c.client(&db).await.unwrap();
+        // Two calls: in one, the UPDATE would join the locking transaction.
+        client
+            .batch_execute(&format!(
+                "UPDATE orders SET status = 'queued' WHERE id IN ({lacking})"
+            ))
+            .await
+            .unwrap();
+        client
+            .batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        client
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c
+        .psql(
+            &db,
+            "SELECT count(*) >= 1200 FROM shadowmig.reread WHERE migration = 'many_rereads'",
+        )
+        .unwrap_or_default()
+        != "t"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "1,200 re-reads were not queued:\n{}\n{}",
+            c.psql(&db, "SELECT count(*) FROM shadowmig.reread")
+                .unwrap_or_default(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: killing our own child process.
+    unsafe {
+        libc::kill(child.0.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.0.wait();
+    rt.block_on(locker.batch_execute("ROLLBACK")).unwrap();
+    // The backfill stays held: only the re-reads can bring these rows.
+    let log2 = dir.path().join("run2.log");
+    let mut child = KillOnDrop(common::spawn_run_env(&spec, &log2, "info", &row_path));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c
+        .psql(
+            &db,
+            "SELECT count(*) FROM orders_v2 WHERE status = 'queued' AND length(note) > 2000",
+        )
+        .unwrap_or_default()
+        != "1200"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the queued re-reads were not read by the next run:\n{}",
+            std::fs::read_to_string(&log2).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_copy_held(&spec);
+    let out = shadowmig(&[
+        "throttle",
+        spec.to_str().unwrap(),
+        "--max-lag-bytes",
+        "100000000000",
+    ])
+    .output()
+    .unwrap();
+    common::assert_ok(&out);
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(90)),
+        "the next run did not finish:\n{}",
+        std::fs::read_to_string(&log2).unwrap_or_default()
+    );
+    assert_eq!(
+        c.psql(
+            &db,
+            "SELECT count(*) FROM shadowmig.reread WHERE migration = 'many_rereads'"
+        )
+        .unwrap(),
+        "0"
+    );
+    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    abort_ok(&spec);
+}
