@@ -208,6 +208,12 @@ fn pg_err(what: &str, e: tokio_postgres::Error) -> RunError {
 /// slot). That is retried with backoff like a lost connection; were it another consumer of
 /// the slot, the warnings say so each time and nothing is applied meanwhile.
 fn start_err(slot: &str, e: ReplicationError) -> RunError {
+    if e.sqlstate() == Some("42704") {
+        return RunError::Fatal(format!(
+            "starting replication: {e}; the slot {slot} is gone (dropped, or invalidated past max_slot_wal_keep_size): \
+             the changes since are lost to this migration, so it cannot go on. Run `shadowmig abort`, then `shadowmig run` to start again"
+        ));
+    }
     if e.sqlstate() == Some("55006") {
         return RunError::Connection(format!(
             "starting replication: {e}; the slot {slot} is still held by the walsender of an earlier connection \
@@ -815,7 +821,13 @@ pub async fn set_up(
              give this migration another `name` in the spec (or abort the other one)"
         )));
     }
-    if !have_slot.here() {
+    let settled = have_slot.here() && slot_settled(src, &slot).await?;
+    if have_slot.here() && !settled {
+        // A session that was creating it went away before it was done: the server dropped
+        // the unfinished slot, so this run creates it afresh.
+        tracing::info!(slot = %slot, "an earlier run's unfinished slot is gone");
+    }
+    if !settled {
         let mut repl = ReplicationClient::connect_config(spec.source.url.config())
             .await
             .map_err(|e| repl_err("opening a replication connection", e))?;
@@ -852,6 +864,45 @@ pub async fn set_up(
         tracing::info!(table = %spec.target.table.quoted(), "created the target table");
     }
     Ok(())
+}
+
+/// Waits while slot `slot` is still being created (listed, but without a confirmed position:
+/// `CREATE_REPLICATION_SLOT` waits for running transactions before the slot is usable), as
+/// when the run that was creating it was killed and its walsender has not yet noticed. True
+/// when the slot is complete; false when it went away (its creator died). A slot still being
+/// made after a minute belongs to a live session: that is an error naming it.
+async fn slot_settled(src: &Client, slot: &str) -> Result<bool, RunError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut said = false;
+    loop {
+        let row = src
+            .query_opt(
+                "SELECT confirmed_flush_lsn IS NOT NULL, coalesce(active_pid, 0) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND database = current_database()",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| pg_err("looking at the replication slot", e))?;
+        let Some(row) = row else { return Ok(false) };
+        if row.get::<_, bool>(0) {
+            return Ok(true);
+        }
+        let pid: i32 = row.get(1);
+        if !said {
+            said = true;
+            tracing::info!(
+                "the replication slot {slot} is still being made by the session with PID {pid}: waiting for it to finish or go away"
+            );
+        }
+        if Instant::now() > deadline {
+            return Err(RunError::Setup(format!(
+                "the replication slot {slot} has been in the making for over a minute by the session with PID {pid} \
+                 (waiting for the transactions that were running when it started): let it finish, or end that session \
+                 (SELECT pg_terminate_backend({pid})) and run again"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Columns and tables `run` needs beyond the apply engine's state tables.

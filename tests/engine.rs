@@ -2881,3 +2881,73 @@ fn a_queue_of_more_than_1000_rereads_survives_kill_9() {
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
     abort_ok(&spec);
 }
+
+/// A run killed while it was creating its slot leaves, for a moment, an unfinished slot that
+/// its walsender still holds (creation waits for the transactions running when it began).
+/// The next run waits for it to finish or go away — here another session is making it and is
+/// terminated — then creates the slot itself and runs; before, it took the unfinished slot
+/// for its own and failed when streaming found it gone (seen in the crash soak).
+#[test]
+fn a_slot_left_unfinished_by_a_killed_run_is_waited_out_and_made_again() {
+    let (c, db) = testpg::fresh_db("engine_slot_unfinished").unwrap();
+    setup(c, &db, 300);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "slot_unfinished", &c.url(&db), 100);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (open_txn, maker_pid, maker) = rt.block_on(async {
+        let open_txn = c.client(&db).await.unwrap();
+        open_txn
+            .batch_execute("BEGIN; UPDATE orders SET status = 'open' WHERE id = 1")
+            .await
+            .unwrap();
+        let maker = c.client(&db).await.unwrap();
+        let pid: i32 = maker
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let task = tokio::spawn(async move {
+            maker
+                .query_one(
+                    "SELECT pg_create_logical_replication_slot('shadowmig_slot_unfinished', 'pgoutput')",
+                    &[],
+                )
+                .await
+                .map(|_| ())
+        });
+        (open_txn, pid, task)
+    });
+    poll_until(30, "the slot to be in the making", || {
+        c.psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'shadowmig_slot_unfinished' AND confirmed_flush_lsn IS NULL",
+        )
+        .unwrap_or_default()
+            == "1"
+    });
+    let log = dir.path().join("run.log");
+    let mut child = KillOnDrop(spawn_run(&spec, &log));
+    wait_logged(&log, 30, "is still being made by the session with PID");
+    c.psql(&db, &format!("SELECT pg_terminate_backend({maker_pid})"))
+        .unwrap();
+    assert!(
+        rt.block_on(maker).unwrap().is_err(),
+        "the maker was terminated"
+    );
+    rt.block_on(open_txn.batch_execute("COMMIT")).unwrap();
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(60)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    c.psql(&db, "UPDATE orders SET status = 'after' WHERE id <= 20")
+        .unwrap();
+    assert!(
+        wait_equal(c, &db, Duration::from_secs(60)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_logged(&log, "created the replication slot");
+    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    abort_ok(&spec);
+}
