@@ -1224,16 +1224,7 @@ fn the_slot_wal_limit_holds_the_backfill_until_raised() {
     let (c, db) = testpg::fresh_db("engine_slot_limit").unwrap();
     setup(c, &db, 20_000);
     let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("slot_limit.toml");
-    std::fs::write(
-        &spec,
-        common::orders_spec(
-            "slot_limit",
-            &c.url(&db),
-            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_lag_bytes = 1\n",
-        ),
-    )
-    .unwrap();
+    let spec = held_spec(&dir, "slot_limit", &c.url(&db));
     let log = dir.path().join("run.log");
     let mut child = KillOnDrop(spawn_run(&spec, &log));
     poll_until(60, "the backfill to be throttled", || {
@@ -1242,15 +1233,7 @@ fn the_slot_wal_limit_holds_the_backfill_until_raised() {
             .contains("backfill throttled: the slot holds")
     });
     assert_copy_held(&spec);
-    let out = shadowmig(&[
-        "throttle",
-        spec.to_str().unwrap(),
-        "--max-lag-bytes",
-        "100000000000",
-    ])
-    .output()
-    .unwrap();
-    common::assert_ok(&out);
+    raise_wal_limit(&spec);
     assert!(
         wait_equal(c, &db, Duration::from_secs(90)),
         "the backfill did not finish after the limit was raised:\n{}",
@@ -2145,6 +2128,36 @@ fn assert_copy_held(spec: &Path) {
     );
 }
 
+/// The orders spec `NAME.toml` with a WAL limit of 1 byte: the backfill is held from its
+/// start (logging "backfill throttled: the slot holds …") until [`raise_wal_limit`].
+fn held_spec(dir: &tempfile::TempDir, name: &str, url: &str) -> PathBuf {
+    let spec = dir.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &spec,
+        common::orders_spec(
+            name,
+            url,
+            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_lag_bytes = 1\n",
+        ),
+    )
+    .unwrap();
+    spec
+}
+
+/// `shadowmig throttle SPEC --max-lag-bytes 100000000000` on the running migration.
+fn raise_wal_limit(spec: &Path) {
+    common::assert_ok(
+        &shadowmig(&[
+            "throttle",
+            spec.to_str().unwrap(),
+            "--max-lag-bytes",
+            "100000000000",
+        ])
+        .output()
+        .unwrap(),
+    );
+}
+
 /// `shadowmig abort SPEC`, which must succeed.
 fn abort_ok(spec: &Path) {
     let out = common::output_within(
@@ -2576,16 +2589,7 @@ fn unchanged_toast_for_rows_not_yet_copied_is_reread_by_key() {
     let (c, db) = testpg::fresh_db("engine_toast_reread").unwrap();
     setup(c, &db, 20_000);
     let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("toast_reread.toml");
-    std::fs::write(
-        &spec,
-        common::orders_spec(
-            "toast_reread",
-            &c.url(&db),
-            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_lag_bytes = 1\n",
-        ),
-    )
-    .unwrap();
+    let spec = held_spec(&dir, "toast_reread", &c.url(&db));
     let log = dir.path().join("run.log");
     let mut child = KillOnDrop(spawn_run(&spec, &log));
     wait_logged(&log, 60, "backfill throttled: the slot holds");
@@ -2620,16 +2624,7 @@ fn unchanged_toast_for_rows_not_yet_copied_is_reread_by_key() {
         "40"
     );
     assert_copy_held(&spec);
-    common::assert_ok(
-        &shadowmig(&[
-            "throttle",
-            spec.to_str().unwrap(),
-            "--max-lag-bytes",
-            "100000000000",
-        ])
-        .output()
-        .unwrap(),
-    );
+    raise_wal_limit(&spec);
     assert!(
         wait_equal(c, &db, Duration::from_secs(90)),
         "{}",
@@ -2773,16 +2768,7 @@ fn a_queue_of_more_than_1000_rereads_survives_kill_9() {
     let (c, db) = testpg::fresh_db("engine_many_rereads").unwrap();
     setup(c, &db, 20_000);
     let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("many_rereads.toml");
-    std::fs::write(
-        &spec,
-        common::orders_spec(
-            "many_rereads",
-            &c.url(&db),
-            "[copy]\nchunk_rows = 500\nworkers = 2\n[throttle]\nmax_lag_bytes = 1\n",
-        ),
-    )
-    .unwrap();
+    let spec = held_spec(&dir, "many_rereads", &c.url(&db));
     let log = dir.path().join("run.log");
     // Rows handed to apply (not the bulk path): its re-reads go one statement per job.
     let row_path = [("SHADOWMIG_BULK_COPY", "0")];
@@ -2856,15 +2842,7 @@ fn a_queue_of_more_than_1000_rereads_survives_kill_9() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_copy_held(&spec);
-    let out = shadowmig(&[
-        "throttle",
-        spec.to_str().unwrap(),
-        "--max-lag-bytes",
-        "100000000000",
-    ])
-    .output()
-    .unwrap();
-    common::assert_ok(&out);
+    raise_wal_limit(&spec);
     assert!(
         wait_equal(c, &db, Duration::from_secs(90)),
         "the next run did not finish:\n{}",
