@@ -2398,6 +2398,10 @@ fn the_backfill_takes_no_row_locks_and_holds_no_snapshot_between_chunks() {
     c.psql(&db, "ANALYZE orders").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "no_locks", &c.url(&db), 200);
+    // Slowed to ~10 s, so that the probes and the pause below land while it copies.
+    let mut text = std::fs::read_to_string(&spec).unwrap();
+    text.push_str("[throttle]\nmax_rows_per_sec = 1000\n");
+    std::fs::write(&spec, text).unwrap();
     let log = dir.path().join("run.log");
     let mut child = spawn_run(&spec, &log);
     wait_backfill_started(&spec);
