@@ -20,6 +20,26 @@ fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> AbortError {
     move |e| AbortError(format!("{what}: {}", catalog::db_message(&e)))
 }
 
+/// Runs `sql` in a transaction under `lock_timeout`: abort must answer, never hang behind a
+/// session's lock; the error says `what` was being done (and that abort can be run again).
+async fn drop_under_lock_timeout(
+    client: &Client,
+    sql: &str,
+    lock_timeout_ms: u64,
+    what: &'static str,
+) -> Result<(), AbortError> {
+    let r = client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; {sql}; COMMIT;"
+        ))
+        .await;
+    if let Err(e) = r {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(db(what)(e));
+    }
+    Ok(())
+}
+
 /// Undoes the spec's migration; returns a line per thing removed.
 pub async fn abort(spec: &Spec) -> Result<Vec<String>, AbortError> {
     let src = catalog::connect(&spec.source.url)
@@ -82,18 +102,13 @@ pub async fn abort(spec: &Spec) -> Result<Vec<String>, AbortError> {
         ));
     }
     if have_pub {
-        // Under lock_timeout: abort must answer, never hang behind a session's lock.
-        let sql = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; DROP PUBLICATION IF EXISTS {}; COMMIT;",
+        drop_under_lock_timeout(
+            &src,
+            &format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&pubname)),
             spec.throttle.lock_timeout_ms,
-            quote_ident(&pubname)
-        );
-        if let Err(e) = src.batch_execute(&sql).await {
-            let _ = src.batch_execute("ROLLBACK").await;
-            return Err(db(
-                "dropping the publication (a session may hold a lock on it; run abort again)",
-            )(e));
-        }
+            "dropping the publication (a session may hold a lock on it; run abort again)",
+        )
+        .await?;
         done.push(format!("dropped publication {pubname}"));
     }
     drop_target_and_state(&tgt, spec, &mut done).await?;
@@ -132,17 +147,13 @@ async fn drop_target_and_state(
             .map_err(|e| AbortError(e.to_string()))?
             .is_some();
         if exists {
-            let sql = format!(
-                "BEGIN; SET LOCAL lock_timeout = {}; DROP TABLE {}; COMMIT;",
+            drop_under_lock_timeout(
+                tgt,
+                &format!("DROP TABLE {}", spec.target.table.quoted()),
                 spec.throttle.lock_timeout_ms,
-                spec.target.table.quoted()
-            );
-            if let Err(e) = tgt.batch_execute(&sql).await {
-                let _ = tgt.batch_execute("ROLLBACK").await;
-                return Err(db(
-                    "dropping the shadow table (it may be in use; run abort again)",
-                )(e));
-            }
+                "dropping the shadow table (it may be in use; run abort again)",
+            )
+            .await?;
             done.push(format!(
                 "dropped shadow table {}",
                 spec.target.table.quoted()

@@ -2836,8 +2836,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Hands `keys` to the copier to be re-read, as jobs of at most [`REREAD_KEYS`] keys (what one
-/// re-read statement takes), each tracked in `pending` until its rows are applied. Every
+/// Hands `keys` to the copier to be re-read, as jobs of at most
+/// [`crate::copy::MAX_READ_KEYS`] keys (what one re-read statement takes), each tracked in `pending` until its rows are applied. Every
 /// re-read goes through here: a job of more keys would be refused by the copier on every try.
 fn send_rereads(
     job_tx: &mpsc::UnboundedSender<Job>,
@@ -2845,7 +2845,7 @@ fn send_rereads(
     pending: &mut BTreeSet<u64>,
     keys: Vec<KeyValue>,
 ) {
-    for k in keys.chunks(REREAD_KEYS) {
+    for k in keys.chunks(crate::copy::MAX_READ_KEYS) {
         *next_id += 1;
         pending.insert(*next_id);
         let _ = job_tx.send(Job::Keys {
@@ -2854,9 +2854,6 @@ fn send_rereads(
         });
     }
 }
-
-/// Keys per re-read job ([`crate::copy::CopySource::read_keys`] takes at most 1,000).
-const REREAD_KEYS: usize = 1000;
 
 /// The key of a change's tuple when a watermark window needs it (`track`); otherwise only
 /// checks that the tuple has it, without building it (once per streamed change).
@@ -2976,7 +2973,7 @@ async fn pause(
     let spec = ap.spec;
     let queued = queued_rereads(ap.tgt().await?, &spec.name).await?;
     let prepared = ap.prepared_arc.clone();
-    for keys in queued.chunks(REREAD_KEYS) {
+    for keys in queued.chunks(crate::copy::MAX_READ_KEYS) {
         let chunk = match prepared.copy_source.read_keys(src, keys).await {
             Ok(c) => c,
             Err(crate::copy::CopyError::ShapeChanged(e)) => {

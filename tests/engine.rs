@@ -1234,10 +1234,12 @@ fn the_slot_wal_limit_holds_the_backfill_until_raised() {
     });
     assert_copy_held(&spec);
     raise_wal_limit(&spec);
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(90)),
-        "the backfill did not finish after the limit was raised:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    assert_caught_up(
+        c,
+        &db,
+        90,
+        &log,
+        "the backfill did not finish after the limit was raised",
     );
     assert_logged(&log, "backfill resumed");
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
@@ -1319,10 +1321,12 @@ fn a_lagging_apply_holds_the_backfill_until_it_catches_up() {
     assert_copy_held(&spec);
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(120)),
-        "the backfill did not finish after the apply caught up:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    assert_caught_up(
+        c,
+        &db,
+        120,
+        &log,
+        "the backfill did not finish after the apply caught up",
     );
     let l = std::fs::read_to_string(&log).unwrap_or_default();
     let throttled = l.find("backfill throttled: apply lags").unwrap_or(0);
@@ -1370,10 +1374,12 @@ fn terminated_backfill_sessions_are_reopened_and_the_backfill_finishes() {
         .output()
         .unwrap();
     common::assert_ok(&out);
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(90)),
-        "the backfill did not finish after its sessions were terminated:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    assert_caught_up(
+        c,
+        &db,
+        90,
+        &log,
+        "the backfill did not finish after its sessions were terminated",
     );
     assert!(
         child.0.try_wait().unwrap().is_none(),
@@ -1473,11 +1479,7 @@ fn deferred_constraints_are_built_after_the_copy_even_over_duplicate_rows() {
             .output()
             .unwrap(),
     );
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(90)),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_caught_up(c, &db, 90, &log, "run did not catch up");
     assert_eq!(sigterm(&mut child).code(), Some(0));
     assert_deferred_built(c, &db, "deferred_mig");
     let secondary = c
@@ -1979,6 +1981,16 @@ fn wait_logged(log: &Path, secs: u64, text: &str) {
     }
 }
 
+/// Waits up to `secs` for target = transform(source); otherwise panics with `what` and the
+/// run's log.
+fn assert_caught_up(c: &TestCluster, db: &str, secs: u64, log: &Path, what: &str) {
+    assert!(
+        wait_equal(c, db, Duration::from_secs(secs)),
+        "{what}:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 /// `pg_ctl restart -m fast` of `c`, or a panic with the run's log.
 fn restart(c: &TestCluster, log: &Path) {
     if let Err(e) = c.restart_fast() {
@@ -2361,10 +2373,12 @@ fn setup_ddl_waits_out_a_lock_and_abort_keeps_a_table_it_did_not_create() {
         "0"
     );
     rt.block_on(locker.batch_execute("ROLLBACK")).unwrap();
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(60)),
-        "run did not go on once the lock was released:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    assert_caught_up(
+        c,
+        &db,
+        60,
+        &log,
+        "run did not go on once the lock was released",
     );
     assert_eq!(sigterm(&mut child).code(), Some(0));
 
@@ -2459,11 +2473,7 @@ fn the_backfill_takes_no_row_locks_and_holds_no_snapshot_between_chunks() {
             .output()
             .unwrap(),
     );
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(90)),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_caught_up(c, &db, 90, &log, "run did not catch up");
     assert_eq!(sigterm(&mut child).code(), Some(0));
     abort_ok(&spec);
 }
@@ -2629,11 +2639,7 @@ fn unchanged_toast_for_rows_not_yet_copied_is_reread_by_key() {
     );
     assert_copy_held(&spec);
     raise_wal_limit(&spec);
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(90)),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_caught_up(c, &db, 90, &log, "run did not catch up");
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
     abort_ok(&spec);
 }
@@ -2750,10 +2756,12 @@ fn a_slot_still_held_when_run_starts_is_waited_for() {
     );
     let _ = holder.kill();
     let _ = holder.wait();
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(60)),
-        "run did not stream once the slot was free:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    assert_caught_up(
+        c,
+        &db,
+        60,
+        &log,
+        "run did not stream once the slot was free",
     );
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
     abort_ok(&spec);
@@ -2847,11 +2855,7 @@ fn a_queue_of_more_than_1000_rereads_survives_kill_9() {
     }
     assert_copy_held(&spec);
     raise_wal_limit(&spec);
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(90)),
-        "the next run did not finish:\n{}",
-        std::fs::read_to_string(&log2).unwrap_or_default()
-    );
+    assert_caught_up(c, &db, 90, &log2, "the next run did not finish");
     assert_eq!(
         c.psql(
             &db,
@@ -2917,18 +2921,10 @@ fn a_slot_left_unfinished_by_a_killed_run_is_waited_out_and_made_again() {
         "the maker was terminated"
     );
     rt.block_on(open_txn.batch_execute("COMMIT")).unwrap();
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(60)),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_caught_up(c, &db, 60, &log, "run did not catch up");
     c.psql(&db, "UPDATE orders SET status = 'after' WHERE id <= 20")
         .unwrap();
-    assert!(
-        wait_equal(c, &db, Duration::from_secs(60)),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_caught_up(c, &db, 60, &log, "run did not catch up");
     assert_logged(&log, "created the replication slot");
     assert_eq!(sigterm(&mut child.0).code(), Some(0));
     abort_ok(&spec);

@@ -108,6 +108,9 @@ pub enum CopyError {
     ShapeChanged(String),
 }
 
+/// The most keys [`CopySource::read_keys`] takes in one call.
+pub const MAX_READ_KEYS: usize = 1000;
+
 pub(crate) fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
     move |source| CopyError::Query { context, source }
 }
@@ -263,15 +266,16 @@ impl CopySource {
     }
 
     /// Reads the current rows of the given keys (those that still exist), like a chunk: one
-    /// REPEATABLE READ transaction whose snapshot comes back with the rows. At most 1,000
-    /// keys per call keeps the statement's parameters well inside the protocol's limit.
+    /// REPEATABLE READ transaction whose snapshot comes back with the rows. At most
+    /// [`MAX_READ_KEYS`] keys per call keeps the statement's parameters well inside the
+    /// protocol's limit.
     pub async fn read_keys(
         &self,
         client: &mut Client,
         keys: &[KeyValue],
     ) -> Result<Chunk, CopyError> {
         self.check()?;
-        if keys.len() > 1000 {
+        if keys.len() > MAX_READ_KEYS {
             return Err(CopyError::Spec("at most 1,000 keys per re-read".into()));
         }
         let arity = self.key.len();

@@ -10,6 +10,6 @@ pub mod chunk;
 pub mod fast;
 pub mod watermark;
 
-pub use chunk::{emit_watermark, Chunk, CopyError, CopySource, KeyValue, Snapshot};
+pub use chunk::{emit_watermark, Chunk, CopyError, CopySource, KeyValue, Snapshot, MAX_READ_KEYS};
 pub use fast::{TargetRows, TransformedSource};
 pub use watermark::{HighOutcome, WatermarkTracker};
