@@ -2412,30 +2412,13 @@ fn the_backfill_takes_no_row_locks_and_holds_no_snapshot_between_chunks() {
     c.psql(&db, "ANALYZE orders").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "no_locks", &c.url(&db), 200);
-    // Slowed to ~10 s, so that the probes and the pause below land while it copies.
+    // Slowed to ~10 s, so that the pause and the probes below land while it copies.
     let mut text = std::fs::read_to_string(&spec).unwrap();
     text.push_str("[throttle]\nmax_rows_per_sec = 1000\n");
     std::fs::write(&spec, text).unwrap();
     let log = dir.path().join("run.log");
     let mut child = spawn_run(&spec, &log);
     wait_backfill_started(&spec);
-    let mut probes = 0;
-    for _ in 0..10 {
-        let st = status_json(&spec);
-        if st["copy"]["done"] == true {
-            break;
-        }
-        let locked = c.psql(
-            &db,
-            "BEGIN; SELECT count(*) FROM (SELECT 1 FROM orders FOR UPDATE NOWAIT) x; ROLLBACK",
-        );
-        assert!(
-            locked.is_ok(),
-            "a source row was locked during the backfill: {locked:?}"
-        );
-        probes += 1;
-    }
-    assert!(probes > 0, "the backfill finished before any probe");
     common::assert_ok(
         &shadowmig(&["pause", spec.to_str().unwrap()])
             .output()
@@ -2473,6 +2456,25 @@ fn the_backfill_takes_no_row_locks_and_holds_no_snapshot_between_chunks() {
             .output()
             .unwrap(),
     );
+    // Pause first (above), then probe while the rest is copied: the backfill is slowed to
+    // ~1,000 rows/s, but probes under load are slow too.
+    let mut probes = 0;
+    for _ in 0..10 {
+        let st = status_json(&spec);
+        if st["copy"]["done"] == true {
+            break;
+        }
+        let locked = c.psql(
+            &db,
+            "BEGIN; SELECT count(*) FROM (SELECT 1 FROM orders FOR UPDATE NOWAIT) x; ROLLBACK",
+        );
+        assert!(
+            locked.is_ok(),
+            "a source row was locked during the backfill: {locked:?}"
+        );
+        probes += 1;
+    }
+    assert!(probes > 0, "the backfill finished before any probe");
     assert_caught_up(c, &db, 90, &log, "run did not catch up");
     assert_eq!(sigterm(&mut child).code(), Some(0));
     abort_ok(&spec);
