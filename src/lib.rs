@@ -7,21 +7,17 @@
 //!   (pause/resume/throttle), [`abort`], [`status`]
 //! - protocols: [`tail`]
 //! - engines: [`replication`] (walsender client), [`copy`] (watermarked chunks), [`apply`]
-//!   (coalesced set-based writer), [`verify`], [`plan`]
+//!   (coalesced set-based writer), [`verify`], [`sampler`], [`plan`]
 //! - ground: [`pgoutput`] (sans-IO decoder), [`spec`], [`catalog`], [`state`], [`stages`],
-//!   [`metrics`], [`raw`], [`lsn`], [`testpg`] (throwaway clusters)
+//!   [`metrics`], [`raw`], [`lsn`], [`size`], [`failpoint`], [`testpg`] (throwaway clusters)
 #![warn(missing_docs)]
-//! - engines: [`apply`], [`replication`]
-//! - engines: [`replication`], [`plan`]
-//! - ground: [`lsn`], [`pgoutput`], [`spec`], [`catalog`], [`testpg`]
-//! - ground: [`lsn`], [`pgoutput`], [`state`], [`testpg`]
-//! - top: [`cli`]
 pub mod abort;
 pub mod apply;
 pub mod catalog;
 pub mod cli;
 pub mod control;
 pub mod copy;
+pub mod failpoint;
 pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;

@@ -25,8 +25,8 @@ use crate::apply::{
 };
 use crate::catalog::{self, ReplicaIdentity};
 use crate::copy::{
-    emit_watermark, CopySource, HighOutcome, KeyValue, Snapshot, TargetRows, TransformedSource,
-    WatermarkTracker,
+    emit_watermark, AtHigh, CopySource, HighOutcome, KeyValue, ReadBook, Snapshot, TargetRows,
+    TransformedSource, WatermarkTracker,
 };
 use crate::lsn::Lsn;
 use crate::pgoutput::{Decoder, LogicalMessage, PgTimestamp, RelationBody, TupleData, TupleValue};
@@ -1011,11 +1011,32 @@ async fn read_copy_state(tgt: &Client, migration: &str) -> Result<CopyState, Run
 /// A chunk the backfill read, waiting in the apply loop for its high watermark.
 struct ReadyChunk {
     job: Job,
+    /// Which read of the job this is (D38): its watermarks carry it.
+    read: u64,
     rows: Vec<TupleData>,
     /// The rows in the target's shape, instead of `rows`, on the bulk path.
     target_rows: Option<TargetRows>,
     snapshot: Snapshot,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: ReadPermit,
+}
+
+/// A worker's permit: held by the rows a read sent until the stream takes them, so that no
+/// more chunks are read than the stream has room for. A read that fails after sending its rows
+/// releases it itself: those rows wait for a high watermark that may never come, and the
+/// job's next read needs the permit (D38).
+#[derive(Clone)]
+struct ReadPermit(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl ReadPermit {
+    fn new(p: tokio::sync::OwnedSemaphorePermit) -> Self {
+        ReadPermit(Arc::new(std::sync::Mutex::new(Some(p))))
+    }
+
+    fn release(&self) {
+        if let Ok(mut p) = self.0.lock() {
+            p.take();
+        }
+    }
 }
 
 /// What the copier is asked to read. Range ids count up from 1 in key order (the frontier
@@ -1884,9 +1905,13 @@ async fn run_once(
         .unwrap_or(1);
     if stale.is_some() {
         // Everything written before the DDL is in the stream before this marker.
-        emit_watermark(&src, MESSAGE_PREFIX, &marker("shape", &spec.name, epoch, 0))
-            .await
-            .map_err(|e| copy_err("emitting a shape marker", e))?;
+        emit_watermark(
+            &src,
+            MESSAGE_PREFIX,
+            &marker("shape", &spec.name, epoch, 0, 0),
+        )
+        .await
+        .map_err(|e| copy_err("emitting a shape marker", e))?;
     }
     let shared = Arc::new(Shared {
         paused: AtomicBool::new(false),
@@ -1963,7 +1988,7 @@ async fn run_once(
     // The streamed transaction whose block is open (Stream Start … Stream Stop).
     let mut in_stream: Option<u32> = None;
     let mut tracker: WatermarkTracker<KeyValue> = WatermarkTracker::default();
-    let mut ready: HashMap<u64, ReadyChunk> = HashMap::new();
+    let mut ready: ReadBook<ReadyChunk> = ReadBook::default();
     let mut done_ranges: HashMap<u64, Option<KeyValue>> = HashMap::new();
     let mut next_frontier_id: u64 = 1;
     let mut txn: Option<Txn> = None;
@@ -2084,7 +2109,7 @@ async fn run_once(
                 // A DDL the stream has not reached: apply what comes before it, then pause
                 // there, as for one found at a reconnect (D31).
                 tracing::info!("the backfill found the source table changed ({why}): applying the changes before it, then pausing");
-                emit_watermark(&src, MESSAGE_PREFIX, &marker("shape", &spec.name, epoch, 0))
+                emit_watermark(&src, MESSAGE_PREFIX, &marker("shape", &spec.name, epoch, 0, 0))
                     .await
                     .map_err(|e| copy_err("emitting a shape marker", e))?;
                 stale = Some(StaleShape {
@@ -2153,7 +2178,7 @@ async fn run_once(
                 _ = shutdown.changed() => continue,
                 c = chunk_rx.recv() => {
                     match c {
-                        Some(c) => { ready.insert(c.job.id(), c); }
+                        Some(c) => ready.arrived(c.job.id(), c.read, c),
                         None => return Err(copier_stopped(&shared)),
                     }
                     continue;
@@ -2183,7 +2208,7 @@ async fn run_once(
                     emit_watermark(
                         &src,
                         MESSAGE_PREFIX,
-                        &marker("sync", &spec.name, epoch, sync_seq),
+                        &marker("sync", &spec.name, epoch, sync_seq, 0),
                     )
                     .await
                     .map_err(|e| copy_err("emitting a sync marker", e))?;
@@ -2431,7 +2456,7 @@ async fn run_once(
                 prefix, content, ..
             } if prefix == MESSAGE_PREFIX => {
                 let text = String::from_utf8_lossy(&content).into_owned();
-                let Some((kind, id)) = parse_marker(&text, &spec.name, epoch) else {
+                let Some((kind, id, read)) = parse_marker(&text, &spec.name, epoch) else {
                     continue;
                 };
                 match kind {
@@ -2441,25 +2466,31 @@ async fn run_once(
                         return pause(&mut ap, &mut src, &Poison::Shape(s.why), last_end, stream).await;
                     }
                     "lw" => {
-                        tracing::debug!(chunk = id, position = %last_end, "low watermark");
-                        tracker.on_low(id)
+                        tracing::debug!(chunk = id, read, position = %last_end, "low watermark");
+                        if let Some(failed) = ready.on_low(id, read) {
+                            tracker.forget(failed);
+                        }
+                        tracker.on_low(read)
                     }
                     "hw" => {
-                        // The copier sends a chunk's rows before it emits its hw.
-                        while !ready.contains_key(&id) {
+                        if ready.at_high(id, read) == AtHigh::Stale {
+                            tracing::debug!(chunk = id, read, "high watermark of a superseded read");
+                            continue;
+                        }
+                        // The copier sends a read's rows before it emits its hw.
+                        while !ready.has(read) {
                             match chunk_rx.recv().await {
-                                Some(c) => {
-                                    ready.insert(c.job.id(), c);
-                                }
+                                Some(c) => ready.arrived(c.job.id(), c.read, c),
                                 None => return Err(copier_stopped(&shared)),
                             }
                         }
-                        let Some(chunk) = ready.remove(&id) else {
+                        let Some(chunk) = ready.take(id, read) else {
                             continue;
                         };
-                        let outcome = tracker.on_high(id, &chunk.snapshot);
+                        let outcome = tracker.on_high(read, &chunk.snapshot);
                         tracing::debug!(
                             chunk = id,
+                            read,
                             rows = chunk.rows.len(),
                             snapshot = ?chunk.snapshot,
                             outcome = match &outcome {
@@ -2903,18 +2934,21 @@ fn key_of(p: &Prepared, t: &TupleData) -> Result<KeyValue, RunError> {
         .collect()
 }
 
-/// The text of a marker `run` emits into the WAL; [`parse_marker`] reads it back.
-fn marker(kind: &str, migration: &str, epoch: u64, id: u64) -> String {
-    format!("{kind}:{migration}:{epoch}:{id}")
+/// The text of a marker `run` emits into the WAL; [`parse_marker`] reads it back. `read`
+/// tells a job's reads apart (D38): 0 for markers that are not a read's.
+fn marker(kind: &str, migration: &str, epoch: u64, id: u64, read: u64) -> String {
+    format!("{kind}:{migration}:{epoch}:{id}:{read}")
 }
 
-fn parse_marker<'a>(text: &'a str, migration: &str, epoch: u64) -> Option<(&'a str, u64)> {
-    let mut parts = text.splitn(4, ':');
+/// A marker of this run: its kind, id and read.
+fn parse_marker<'a>(text: &'a str, migration: &str, epoch: u64) -> Option<(&'a str, u64, u64)> {
+    let mut parts = text.splitn(5, ':');
     let kind = parts.next()?;
     let mig = parts.next()?;
     let ep: u64 = parts.next()?.parse().ok()?;
     let id: u64 = parts.next()?.parse().ok()?;
-    (mig == migration && ep == epoch).then_some((kind, id))
+    let read: u64 = parts.next()?.parse().ok()?;
+    (mig == migration && ep == epoch).then_some((kind, id, read))
 }
 
 /// Why a `Relation` message no longer matches the shape `run` prepared for, if it does not.
@@ -3069,6 +3103,7 @@ async fn copier(
     let mut next_id: u64 = 1;
     let mut worker_clients: Vec<Arc<tokio::sync::Mutex<Client>>> = Vec::new();
     let mut rr = 0usize;
+    let mut next_read: u64 = 1;
     // What holds the backfill (a `Throttle::cause`), to log each change of cause once.
     let mut throttled: Option<&'static str> = None;
     loop {
@@ -3134,6 +3169,9 @@ async fn copier(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        let permit = ReadPermit::new(permit);
+        let read = next_read;
+        next_read += 1;
         while worker_clients.len() < workers {
             match catalog::connect_as(&spec.source.url, "copy").await {
                 Ok(c) => worker_clients.push(Arc::new(tokio::sync::Mutex::new(c))),
@@ -3157,12 +3195,13 @@ async fn copier(
                 fast.as_deref(),
                 &name,
                 epoch,
-                job.clone(),
-                permit,
+                (job.clone(), read),
+                permit.clone(),
                 &chunk_tx,
             )
             .await
             {
+                permit.release();
                 if let crate::copy::CopyError::ShapeChanged(why) = &e {
                     // The stream pauses where it reaches the DDL; until then nothing more
                     // is read in the old shape.
@@ -3194,17 +3233,18 @@ async fn read_job(
     fast: Option<&TransformedSource>,
     name: &str,
     epoch: u64,
-    job: Job,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    (job, read): (Job, u64),
+    permit: ReadPermit,
     chunk_tx: &mpsc::Sender<ReadyChunk>,
 ) -> Result<(), crate::copy::CopyError> {
     let id = job.id();
-    emit_watermark(client, MESSAGE_PREFIX, &marker("lw", name, epoch, id)).await?;
+    emit_watermark(client, MESSAGE_PREFIX, &marker("lw", name, epoch, id, read)).await?;
     let ready = match (&job, fast) {
         (Job::Range { lo, hi, .. }, Some(fast)) => {
             let t = fast.read_chunk(client, lo.as_ref(), hi.as_ref()).await?;
             ReadyChunk {
                 job,
+                read,
                 rows: Vec::new(),
                 snapshot: t.snapshot.clone(),
                 target_rows: Some(t),
@@ -3222,6 +3262,7 @@ async fn read_job(
             };
             ReadyChunk {
                 job,
+                read,
                 rows: chunk.rows,
                 snapshot: chunk.snapshot,
                 target_rows: None,
@@ -3232,7 +3273,12 @@ async fn read_job(
     if chunk_tx.send(ready).await.is_err() {
         return Ok(());
     }
-    emit_watermark(client, MESSAGE_PREFIX, &marker("hw", name, epoch, id)).await?;
+    if crate::failpoint::fire(crate::failpoint::COPY_BEFORE_HIGH_WATERMARK) {
+        let _ = client
+            .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            .await;
+    }
+    emit_watermark(client, MESSAGE_PREFIX, &marker("hw", name, epoch, id, read)).await?;
     Ok(())
 }
 
@@ -3352,15 +3398,20 @@ mod tests {
 
     #[test]
     fn markers_of_other_migrations_and_epochs_are_ignored() {
-        assert_eq!(parse_marker("lw:m:7:3", "m", 7), Some(("lw", 3)));
-        assert_eq!(parse_marker("hw:m:7:12", "m", 7), Some(("hw", 12)));
-        assert_eq!(parse_marker("hw:m:8:12", "m", 7), None);
-        assert_eq!(parse_marker("hw:other:7:12", "m", 7), None);
+        assert_eq!(parse_marker("lw:m:7:3:1", "m", 7), Some(("lw", 3, 1)));
+        assert_eq!(parse_marker("hw:m:7:12:40", "m", 7), Some(("hw", 12, 40)));
+        assert_eq!(parse_marker("hw:m:8:12:1", "m", 7), None);
+        assert_eq!(parse_marker("hw:other:7:12:1", "m", 7), None);
         assert_eq!(parse_marker("garbage", "m", 7), None);
-        assert_eq!(parse_marker("hw:m:7:x", "m", 7), None);
+        assert_eq!(parse_marker("hw:m:7:x:1", "m", 7), None);
         assert_eq!(
-            parse_marker(&marker("shape", "m_1", 7, 0), "m_1", 7),
-            Some(("shape", 0))
+            parse_marker("hw:m:7:12", "m", 7),
+            None,
+            "a read is required"
+        );
+        assert_eq!(
+            parse_marker(&marker("shape", "m_1", 7, 0, 0), "m_1", 7),
+            Some(("shape", 0, 0))
         );
     }
 

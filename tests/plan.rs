@@ -56,7 +56,7 @@ fn status(p: &Plan, name: &str) -> Status {
 fn footprint(c: &TestCluster, db: &str) -> String {
     c.psql(
         db,
-        "SELECT (SELECT count(*) FROM pg_replication_slots) || '|' ||
+        "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()) || '|' ||
                 (SELECT count(*) FROM pg_publication) || '|' ||
                 (SELECT string_agg(nspname, ',' ORDER BY nspname) FROM pg_namespace) || '|' ||
                 (SELECT string_agg(oid::regclass::text || ':' || relreplident::text, ',' ORDER BY oid)

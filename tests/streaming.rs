@@ -203,7 +203,7 @@ fn a_streamed_transaction_is_written_before_its_commit_and_lands_in_stream_order
         "part of an uncommitted source transaction is visible in the target"
     );
     // Polled: the session is `active` while it writes a part.
-    let open_sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shadowmig apply' AND state = 'idle in transaction'";
+    let open_sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'shadowmig apply' AND state = 'idle in transaction'";
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut open = count(c, &db, open_sql);
     while open == 0 && Instant::now() < deadline {
@@ -213,7 +213,7 @@ fn a_streamed_transaction_is_written_before_its_commit_and_lands_in_stream_order
     assert!(
         open >= 1,
         "no target transaction is open for the streamed transaction: {}\n{}",
-        c.psql(&db, "SELECT application_name, state, xact_start FROM pg_stat_activity WHERE application_name LIKE 'shadowmig%'").unwrap(),
+        c.psql(&db, "SELECT application_name, state, xact_start FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'shadowmig%'").unwrap(),
         read(&log)
     );
     let parts_before_commit = read(&log)

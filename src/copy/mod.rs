@@ -12,4 +12,4 @@ pub mod watermark;
 
 pub use chunk::{emit_watermark, Chunk, CopyError, CopySource, KeyValue, Snapshot, MAX_READ_KEYS};
 pub use fast::{TargetRows, TransformedSource};
-pub use watermark::{HighOutcome, WatermarkTracker};
+pub use watermark::{AtHigh, HighOutcome, ReadBook, WatermarkTracker};

@@ -147,6 +147,11 @@ impl<K: Hash + Eq + Clone> WatermarkTracker<K> {
         HighOutcome::Apply { touched: w.touched }
     }
 
+    /// Forgets the window of `chunk`, if open: its read failed and another one replaces it.
+    pub fn forget(&mut self, chunk: u64) {
+        self.windows.remove(&chunk);
+    }
+
     /// Forgets every open window (after a reconnect, in-flight chunks are read again).
     pub fn reset_windows(&mut self) {
         self.windows.clear();
@@ -155,6 +160,94 @@ impl<K: Hash + Eq + Clone> WatermarkTracker<K> {
     /// How many windows are open.
     pub fn open_windows(&self) -> usize {
         self.windows.len()
+    }
+}
+
+/// Pairs the copier's reads with their watermarks when a job is read more than once.
+///
+/// A job (a key range, or keys to re-read) is read again when a read fails — its session was
+/// terminated, say — and when the race check asks for it. Each read has its own id, carried by
+/// its watermarks, so that a high watermark is only ever matched with the rows read between it
+/// and its own low watermark. A failed read may leave behind a window (its `lw` was emitted)
+/// or rows (sent before its `hw` failed): once a newer read of the job is under way they are
+/// stale, and keeping them would hold a worker's permit and keep "caught up" from ever being
+/// reached. The rows of a read are sent before its `hw` is emitted, so at an `hw` the rows
+/// are either here or on their way — unless a newer read of the job was already finished, in
+/// which case they may have been dropped and must not be waited for.
+#[derive(Debug)]
+pub struct ReadBook<C> {
+    /// Rows that arrived, by read id, with their job.
+    ready: HashMap<u64, (u64, C)>,
+    /// The read whose window is open, by job.
+    open: HashMap<u64, u64>,
+    /// The newest read handled at its high watermark, by job.
+    finished: HashMap<u64, u64>,
+}
+
+/// What to do at a read's high watermark.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AtHigh {
+    /// A newer read of the same job was already finished: ignore this one.
+    Stale,
+    /// Take the rows with [`ReadBook::take`], after receiving until they have arrived.
+    Take,
+}
+
+impl<C> Default for ReadBook<C> {
+    fn default() -> Self {
+        ReadBook {
+            ready: HashMap::new(),
+            open: HashMap::new(),
+            finished: HashMap::new(),
+        }
+    }
+}
+
+impl<C> ReadBook<C> {
+    /// The rows of read `read` of job `job` arrived. Those of a read older than one already
+    /// finished are dropped at once.
+    pub fn arrived(&mut self, job: u64, read: u64, rows: C) {
+        if self.finished.get(&job).is_some_and(|&f| f >= read) {
+            return;
+        }
+        self.ready.insert(read, (job, rows));
+    }
+
+    /// The stream reached the low watermark of read `read` of job `job`; returns the older
+    /// read of the job whose window is still open, which the caller forgets.
+    pub fn on_low(&mut self, job: u64, read: u64) -> Option<u64> {
+        self.open.insert(job, read).filter(|&old| old != read)
+    }
+
+    /// The stream reached the high watermark of read `read` of job `job`.
+    pub fn at_high(&self, job: u64, read: u64) -> AtHigh {
+        if self.finished.get(&job).is_some_and(|&f| f >= read) {
+            AtHigh::Stale
+        } else {
+            AtHigh::Take
+        }
+    }
+
+    /// Whether the rows of `read` have arrived.
+    pub fn has(&self, read: u64) -> bool {
+        self.ready.contains_key(&read)
+    }
+
+    /// Takes the rows of read `read` of job `job` at its high watermark, and drops the rows
+    /// of the job's older reads: their high watermarks, if they ever come, are stale now.
+    pub fn take(&mut self, job: u64, read: u64) -> Option<C> {
+        let rows = self.ready.remove(&read).map(|(_, c)| c);
+        self.finished.insert(job, read);
+        if self.open.get(&job) == Some(&read) {
+            self.open.remove(&job);
+        }
+        self.ready.retain(|&r, (j, _)| *j != job || r > read);
+        rows
+    }
+
+    /// Whether no rows wait for their high watermark.
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
     }
 }
 
@@ -279,5 +372,45 @@ mod tests {
         ));
         t.on_low(2);
         assert_eq!(t.on_high(2, &snap(&[98])), HighOutcome::Retry { xid: 98 });
+    }
+
+    #[test]
+    fn a_read_is_matched_only_with_its_own_watermarks() {
+        let mut b = ReadBook::default();
+        // Read 1 of job 5 sent its rows, then its hw failed; read 2 replaces it.
+        assert_eq!(b.on_low(5, 1), None);
+        b.arrived(5, 1, "stale");
+        assert_eq!(b.on_low(5, 2), Some(1), "read 1's window is forgotten");
+        assert_eq!(b.at_high(5, 2), AtHigh::Take);
+        assert!(!b.has(2), "read 1's rows must not stand in for read 2's");
+        b.arrived(5, 2, "fresh");
+        assert_eq!(b.take(5, 2), Some("fresh"));
+        assert!(
+            b.is_empty(),
+            "read 1's rows are dropped (and their permit freed)"
+        );
+        // Read 1's hw, late: stale, not waited for; its rows, late: dropped.
+        assert_eq!(b.at_high(5, 1), AtHigh::Stale);
+        b.arrived(5, 1, "late");
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_late_high_watermark_of_an_older_read_keeps_the_newer_rows() {
+        let mut b = ReadBook::default();
+        b.on_low(3, 1);
+        b.arrived(3, 1, "one");
+        b.on_low(3, 2);
+        b.arrived(3, 2, "two");
+        // hw 1 came after all (the session died after writing it).
+        assert_eq!(b.at_high(3, 1), AtHigh::Take);
+        assert_eq!(b.take(3, 1), Some("one"));
+        assert!(b.has(2), "the newer read's rows stay for its own hw");
+        assert_eq!(b.take(3, 2), Some("two"));
+        assert!(b.is_empty());
+        // Other jobs are untouched by a job's pruning.
+        b.arrived(4, 3, "four");
+        b.take(3, 9);
+        assert!(b.has(3));
     }
 }
