@@ -3104,6 +3104,9 @@ async fn copier(
     let mut worker_clients: Vec<Arc<tokio::sync::Mutex<Client>>> = Vec::new();
     let mut rr = 0usize;
     let mut next_read: u64 = 1;
+    let mut planner_failures = 0u32;
+    // How many times in a row each job's read failed, for its retry's backoff.
+    let failures: Arc<std::sync::Mutex<HashMap<u64, u32>>> = Arc::default();
     // What holds the backfill (a `Throttle::cause`), to log each change of cause once.
     let mut throttled: Option<&'static str> = None;
     loop {
@@ -3141,10 +3144,20 @@ async fn copier(
                 }
                 let n = shared.chunk_rows.load(Ordering::Relaxed).max(1) as i64;
                 let hi = match source.boundary_after(&planner_client, lo.as_ref(), n).await {
-                    Ok(h) => h,
+                    Ok(h) => {
+                        planner_failures = 0;
+                        h
+                    }
                     Err(e) => {
-                        tracing::error!("backfill: finding a chunk boundary: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        planner_failures += 1;
+                        let delay = retry_delay(planner_failures);
+                        if planner_failures <= 3 || planner_failures % 10 == 0 {
+                            tracing::error!(
+                                "backfill: finding a chunk boundary: {e} (try {planner_failures}, again in {} s)",
+                                delay.as_secs()
+                            );
+                        }
+                        tokio::time::sleep(delay).await;
                         continue;
                     }
                 };
@@ -3187,6 +3200,7 @@ async fn copier(
         let job_tx = job_tx.clone();
         let shared = shared.clone();
         let spec_url = spec.source.url.clone();
+        let failures = failures.clone();
         tokio::spawn(async move {
             let mut c = client.lock().await;
             if let Err(e) = read_job(
@@ -3209,8 +3223,20 @@ async fn copier(
                         s.get_or_insert_with(|| why.clone());
                     }
                 }
-                tracing::warn!("backfill: {e}; retrying the chunk");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let tries = failures.lock().map_or(1, |mut f| {
+                    let n = f.entry(job.id()).or_insert(0);
+                    *n += 1;
+                    *n
+                });
+                let delay = retry_delay(tries);
+                // A lasting failure (a privilege revoked, say) is retried, slower and slower,
+                // until the operator fixes it; its log lines thin out.
+                if tries <= 3 || tries % 10 == 0 {
+                    tracing::warn!(
+                        "backfill: {e}; retrying the chunk (try {tries}, in {} s)",
+                        delay.as_secs()
+                    );
+                }
                 if c.is_closed() {
                     // Its session is gone: the retry (and every later chunk of this worker)
                     // reads on a new one. When none can be had, the planner's next connect
@@ -3220,10 +3246,20 @@ async fn copier(
                         Err(e) => tracing::warn!("backfill: cannot reconnect a worker: {e}"),
                     }
                 }
+                // The worker's session is free for other chunks meanwhile.
+                drop(c);
+                tokio::time::sleep(delay).await;
                 let _ = job_tx.send(job);
+            } else if let Ok(mut f) = failures.lock() {
+                f.remove(&job.id());
             }
         });
     }
+}
+
+/// How long to wait before the `tries`th retry of a failed read: 1 s, doubling to 30 s.
+fn retry_delay(tries: u32) -> Duration {
+    Duration::from_secs((1u64 << tries.saturating_sub(1).min(5)).min(30))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -3394,6 +3430,13 @@ mod tests {
         );
         r.keep_bytes = Some(-1);
         assert_eq!(r.held_text(), "16.0 MB (max_slot_wal_keep_size unlimited)");
+    }
+
+    #[test]
+    fn a_failing_read_is_retried_slower_and_slower() {
+        let secs: Vec<u64> = (1..=8).map(|t| retry_delay(t).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_delay(0).as_secs(), 1);
     }
 
     #[test]
