@@ -1381,12 +1381,7 @@ fn terminated_backfill_sessions_are_reopened_and_the_backfill_finishes() {
         &log,
         "the backfill did not finish after its sessions were terminated",
     );
-    assert!(
-        child.0.try_wait().unwrap().is_none(),
-        "the run exited:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    stop_still_running(&mut child.0, &log);
     assert_logged(
         &log,
         "the planning session to the source was closed; reconnecting",
@@ -1431,12 +1426,7 @@ fn reads_cut_off_before_their_high_watermark_stall_nothing() {
         &log,
         "the backfill stalled after reads were cut off before their high watermark",
     );
-    assert!(
-        child.0.try_wait().unwrap().is_none(),
-        "the run exited:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    assert_eq!(sigterm(&mut child.0).code(), Some(0));
+    stop_still_running(&mut child.0, &log);
     abort_ok(&spec);
 }
 
@@ -2010,6 +2000,17 @@ fn spawn_caught_up(
 
 fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {
     common::spawn_run(spec, log, "shadowmig=debug")
+}
+
+/// Asserts that `child` (a `run`) never exited on its own, then stops it with SIGTERM, which
+/// must end it with exit 0.
+fn stop_still_running(child: &mut std::process::Child, log: &Path) {
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run exited:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    assert_eq!(sigterm(child).code(), Some(0));
 }
 
 /// Waits (up to `secs`) until the run's log says `text`; on a timeout, panics with the log.
