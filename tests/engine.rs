@@ -140,11 +140,21 @@ fn crash_run(seed: u64, ddl: bool) {
     let deadline = Instant::now() + Duration::from_secs(12);
     let mut kills = 0;
     while Instant::now() < deadline {
+        // Up to two of each run's backfill reads also lose their session between their rows
+        // and their high watermark (D38).
+        let cut = format!(
+            "{}={}",
+            shadowmig::failpoint::COPY_BEFORE_HIGH_WATERMARK,
+            next() % 3
+        );
         let mut child = common::spawn_run_env(
             &spec,
             &log,
             "shadowmig=debug",
-            &[("SHADOWMIG_BULK_COPY", bulk)],
+            &[
+                ("SHADOWMIG_BULK_COPY", bulk),
+                (shadowmig::failpoint::ENV, &cut),
+            ],
         );
         if let Some(st) = wait_exit(&mut child, Duration::from_millis(300 + next() % 1500)) {
             assert_eq!(
