@@ -269,8 +269,11 @@ fn crash_run(seed: u64, ddl: bool) {
     let streamed_txns = runs
         .matches("applying a streamed source transaction")
         .count();
+    let cut_reads = runs
+        .matches("emitting a watermark: connection closed; retrying the chunk")
+        .count();
     eprintln!(
-        "seed {seed} (bulk {bulk}, deferred {deferred}, 64 kB decoding memory {streamed}, ddl {ddl}): {kills} kills, {ddls} shape changes, {pauses} pauses, {streamed_txns} streamed transactions, {stats:?}"
+        "seed {seed} (bulk {bulk}, deferred {deferred}, 64 kB decoding memory {streamed}, ddl {ddl}): {kills} kills, {ddls} shape changes, {pauses} pauses, {streamed_txns} streamed transactions, {cut_reads} reads cut off, {stats:?}"
     );
     // Free the slot: many seeds share one cluster with a fixed number of slots.
     abort_ok(&spec);
