@@ -17,6 +17,10 @@ pub const ENV: &str = "SHADOWMIG_FAILPOINTS";
 /// emitting the chunk's high watermark.
 pub const COPY_BEFORE_HIGH_WATERMARK: &str = "copy_before_hw";
 
+/// The backfill's reader ends its own session right after emitting a chunk's high watermark,
+/// so that the read fails although its watermark reached the WAL.
+pub const COPY_AFTER_HIGH_WATERMARK: &str = "copy_after_hw";
+
 fn armed() -> &'static HashMap<String, AtomicU64> {
     static ARMED: OnceLock<HashMap<String, AtomicU64>> = OnceLock::new();
     ARMED.get_or_init(|| parse(&std::env::var(ENV).unwrap_or_default()))

@@ -2507,6 +2507,9 @@ async fn run_once(
                             }
                             HighOutcome::Unknown => {}
                             HighOutcome::Apply { touched } => {
+                                // Once applied, any other read of the job is redundant: the
+                                // stream carries every later change to its rows.
+                                ready.complete(id);
                                 if chunk.target_rows.is_some() {
                                     // A batch in flight must commit before a bulk chunk is
                                     // handed in: it may hold older images of rows the chunk
@@ -3237,7 +3240,8 @@ async fn copier(
                         delay.as_secs()
                     );
                 }
-                if c.is_closed() {
+                // A terminated session may not read as closed yet: ask it.
+                if c.is_closed() || c.batch_execute("").await.is_err() {
                     // Its session is gone: the retry (and every later chunk of this worker)
                     // reads on a new one. When none can be had, the planner's next connect
                     // fails too and the run restarts.
@@ -3315,6 +3319,17 @@ async fn read_job(
             .await;
     }
     emit_watermark(client, MESSAGE_PREFIX, &marker("hw", name, epoch, id, read)).await?;
+    if crate::failpoint::fire(crate::failpoint::COPY_AFTER_HIGH_WATERMARK) {
+        if let Err(source) = client
+            .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            .await
+        {
+            return Err(crate::copy::CopyError::Query {
+                context: "emitting a watermark",
+                source,
+            });
+        }
+    }
     Ok(())
 }
 

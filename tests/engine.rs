@@ -1443,6 +1443,40 @@ fn reads_cut_off_before_their_high_watermark_stall_nothing() {
     abort_ok(&spec);
 }
 
+/// A read whose session ends right after its high watermark reached the WAL (failpoint
+/// `copy_after_hw`): the read failed for the copier, which reads the chunk again, but the
+/// stream applied it already. The retry is ignored: every row is copied once (`rows_copied`
+/// is exactly the table's size) and the run catches up.
+#[test]
+fn a_read_retried_after_its_high_watermark_landed_is_applied_once() {
+    let (c, db) = testpg::fresh_db("engine_copy_after_hw").unwrap();
+    setup(c, &db, 5000);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(&dir, "copy_after_hw", &c.url(&db), 500);
+    let log = dir.path().join("run.log");
+    let mut child = KillOnDrop(common::spawn_run_env(
+        &spec,
+        &log,
+        "shadowmig=debug",
+        &[(shadowmig::failpoint::ENV, "copy_after_hw=3")],
+    ));
+    assert_caught_up(c, &db, 90, &log, "the run did not catch up");
+    wait_logged(&log, 30, "caught up");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let retried: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("retrying the chunk"))
+        .collect();
+    assert_eq!(
+        retried.len(),
+        3,
+        "each cut-off read failed once: {retried:#?}"
+    );
+    assert_eq!(status_json(&spec)["copy"]["rows_copied"], 5000);
+    stop_still_running(&mut child.0, &log);
+    abort_ok(&spec);
+}
+
 /// `[copy] defer_indexes`: the key is dropped while the history is copied (plan still passes
 /// and says why), changes made meanwhile are applied after the constraints are built, and
 /// rows the copy left twice (as a killed run's chunk writer can) are removed before the build.

@@ -89,7 +89,7 @@ pub struct Chunk {
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     /// A query failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::catalog::db_message(.source))]
     Query {
         /// What was being done.
         context: &'static str,

@@ -182,12 +182,15 @@ pub struct ReadBook<C> {
     open: HashMap<u64, u64>,
     /// The newest read handled at its high watermark, by job.
     finished: HashMap<u64, u64>,
+    /// Jobs whose rows were applied: any other read of them is redundant.
+    completed: HashSet<u64>,
 }
 
 /// What to do at a read's high watermark.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AtHigh {
-    /// A newer read of the same job was already finished: ignore this one.
+    /// A newer read of the same job was already finished, or the job is complete: ignore
+    /// this one.
     Stale,
     /// Take the rows with [`ReadBook::take`], after receiving until they have arrived.
     Take,
@@ -199,18 +202,23 @@ impl<C> Default for ReadBook<C> {
             ready: HashMap::new(),
             open: HashMap::new(),
             finished: HashMap::new(),
+            completed: HashSet::new(),
         }
     }
 }
 
 impl<C> ReadBook<C> {
     /// The rows of read `read` of job `job` arrived. Those of a read older than one already
-    /// finished are dropped at once.
+    /// finished, or of a complete job, are dropped at once.
     pub fn arrived(&mut self, job: u64, read: u64, rows: C) {
-        if self.finished.get(&job).is_some_and(|&f| f >= read) {
+        if self.stale(job, read) {
             return;
         }
         self.ready.insert(read, (job, rows));
+    }
+
+    fn stale(&self, job: u64, read: u64) -> bool {
+        self.completed.contains(&job) || self.finished.get(&job).is_some_and(|&f| f >= read)
     }
 
     /// The stream reached the low watermark of read `read` of job `job`; returns the older
@@ -221,7 +229,7 @@ impl<C> ReadBook<C> {
 
     /// The stream reached the high watermark of read `read` of job `job`.
     pub fn at_high(&self, job: u64, read: u64) -> AtHigh {
-        if self.finished.get(&job).is_some_and(|&f| f >= read) {
+        if self.stale(job, read) {
             AtHigh::Stale
         } else {
             AtHigh::Take
@@ -243,6 +251,13 @@ impl<C> ReadBook<C> {
         }
         self.ready.retain(|&r, (j, _)| *j != job || r > read);
         rows
+    }
+
+    /// The rows `take` gave for `job` were applied: the job is done, and the rows of any
+    /// other read of it — one retried although its `hw` reached the WAL — are dropped.
+    pub fn complete(&mut self, job: u64) {
+        self.completed.insert(job);
+        self.ready.retain(|_, (j, _)| *j != job);
     }
 
     /// Whether no rows wait for their high watermark.
@@ -407,6 +422,18 @@ mod tests {
         assert_eq!(b.take(3, 1), Some("one"));
         assert!(b.has(2), "the newer read's rows stay for its own hw");
         assert_eq!(b.take(3, 2), Some("two"));
+        assert!(b.is_empty());
+        // A read retried after its predecessor's hw did reach the WAL: once the job is
+        // complete, the retry is redundant, whenever its rows and hw come.
+        b.on_low(6, 10);
+        b.arrived(6, 10, "first");
+        b.on_low(6, 11);
+        b.arrived(6, 11, "retry, early");
+        assert_eq!(b.take(6, 10), Some("first"));
+        b.complete(6);
+        assert!(!b.has(11), "the retry's rows are dropped");
+        assert_eq!(b.at_high(6, 11), AtHigh::Stale);
+        b.arrived(6, 12, "retry, late");
         assert!(b.is_empty());
         // Other jobs are untouched by a job's pruning.
         b.arrived(4, 3, "four");
