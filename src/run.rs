@@ -2475,6 +2475,8 @@ async fn run_once(
                     "hw" => {
                         if ready.at_high(id, read) == AtHigh::Stale {
                             tracing::debug!(chunk = id, read, "high watermark of a superseded read");
+                            // Its window would track every later commit's keys for good.
+                            tracker.forget(read);
                             continue;
                         }
                         // The copier sends a read's rows before it emits its hw.
