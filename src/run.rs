@@ -3156,7 +3156,7 @@ async fn copier(
                     Err(e) => {
                         planner_failures += 1;
                         let delay = retry_delay(planner_failures);
-                        if planner_failures <= 3 || planner_failures % 10 == 0 {
+                        if log_try(planner_failures) {
                             tracing::error!(
                                 "backfill: finding a chunk boundary: {e} (try {planner_failures}, again in {} s)",
                                 delay.as_secs()
@@ -3234,9 +3234,7 @@ async fn copier(
                     *n
                 });
                 let delay = retry_delay(tries);
-                // A lasting failure (a privilege revoked, say) is retried, slower and slower,
-                // until the operator fixes it; its log lines thin out.
-                if tries <= 3 || tries % 10 == 0 {
+                if log_try(tries) {
                     tracing::warn!(
                         "backfill: {e}; retrying the chunk (try {tries}, in {} s)",
                         delay.as_secs()
@@ -3266,6 +3264,20 @@ async fn copier(
 /// How long to wait before the `tries`th retry of a failed read: 1 s, doubling to 30 s.
 fn retry_delay(tries: u32) -> Duration {
     Duration::from_secs((1u64 << tries.saturating_sub(1).min(5)).min(30))
+}
+
+/// Whether the `tries`th failure in a row is logged: a lasting one (a privilege revoked, say)
+/// is retried until the operator fixes it, and its log lines thin out.
+fn log_try(tries: u32) -> bool {
+    tries <= 3 || tries % 10 == 0
+}
+
+/// A failpoint's way to lose a session: the server ends it, as an administrator's
+/// `pg_terminate_backend` would.
+async fn end_own_session(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -3316,16 +3328,11 @@ async fn read_job(
         return Ok(());
     }
     if crate::failpoint::fire(crate::failpoint::COPY_BEFORE_HIGH_WATERMARK) {
-        let _ = client
-            .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
-            .await;
+        let _ = end_own_session(client).await;
     }
     emit_watermark(client, MESSAGE_PREFIX, &marker("hw", name, epoch, id, read)).await?;
     if crate::failpoint::fire(crate::failpoint::COPY_AFTER_HIGH_WATERMARK) {
-        if let Err(source) = client
-            .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
-            .await
-        {
+        if let Err(source) = end_own_session(client).await {
             return Err(crate::copy::CopyError::Query {
                 context: "emitting a watermark",
                 source,

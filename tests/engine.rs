@@ -1415,12 +1415,7 @@ fn reads_cut_off_before_their_high_watermark_stall_nothing() {
     let spec = write_spec(&dir, "copy_cut_hw", &c.url(&db), 500);
     let log = dir.path().join("run.log");
     let workload = common::Workload::start(&c.url(&db), 23, 100_000);
-    let mut child = KillOnDrop(common::spawn_run_env(
-        &spec,
-        &log,
-        "shadowmig=debug",
-        &[(shadowmig::failpoint::ENV, "copy_before_hw=3")],
-    ));
+    let mut child = KillOnDrop(spawn_with_failpoints(&spec, &log, "copy_before_hw=3"));
     wait_logged(&log, 60, "backfill done");
     let stats = workload.finish();
     assert!(stats.committed > 0, "{stats:?}");
@@ -1454,12 +1449,7 @@ fn a_read_retried_after_its_high_watermark_landed_is_applied_once() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(&dir, "copy_after_hw", &c.url(&db), 500);
     let log = dir.path().join("run.log");
-    let mut child = KillOnDrop(common::spawn_run_env(
-        &spec,
-        &log,
-        "shadowmig=debug",
-        &[(shadowmig::failpoint::ENV, "copy_after_hw=3")],
-    ));
+    let mut child = KillOnDrop(spawn_with_failpoints(&spec, &log, "copy_after_hw=3"));
     assert_caught_up(c, &db, 90, &log, "the run did not catch up");
     wait_logged(&log, 30, "caught up");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -2047,6 +2037,16 @@ fn spawn_caught_up(
 
 fn spawn_run(spec: &Path, log: &Path) -> std::process::Child {
     common::spawn_run(spec, log, "shadowmig=debug")
+}
+
+/// [`spawn_run`] with failpoints armed (`name=count,…`, `src/failpoint.rs`).
+fn spawn_with_failpoints(spec: &Path, log: &Path, arm: &str) -> std::process::Child {
+    common::spawn_run_env(
+        spec,
+        log,
+        "shadowmig=debug",
+        &[(shadowmig::failpoint::ENV, arm)],
+    )
 }
 
 /// Asserts that `child` (a `run`) never exited on its own, then stops it with SIGTERM, which
